@@ -45,6 +45,61 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def cmd_pack(args) -> int:
+    from cprec.data.pack import PackConfig, pack
+
+    overrides = list(args.overrides)
+    for key in ("seq_len", "workers", "shard_rows"):
+        if getattr(args, key) is not None:
+            overrides.append(f"{key}={getattr(args, key)}")
+    cfg = load_config(PackConfig, args.config, overrides)
+    index = pack(args.input, args.tokenizer, args.out, cfg)
+    print(format_table(*stream_table(index)))
+    report = index["report"]
+    print(f"\npacked {report['shards']} shards ({report['reused_shards']} kept from an earlier run) -> {args.out}")
+    return 0
+
+
+def stream_table(index: dict) -> tuple[list[str], list[list]]:
+    itemsize = 2 if index["dtype"] == "uint16" else 4
+    rows = []
+    for name, st in index["streams"].items():
+        raw = st["rows"] * index["seq_len"] * itemsize
+        rows.append([name, st["kind"], st["rows"], st["tokens"], st["documents"], st["split_documents"],
+                     f"{st['slot_use']:.2%}", f"{st['bytes'] / 2**20:.2f}", f"{raw / max(st['bytes'], 1):.1f}x"])
+    return ["stream", "kind", "rows", "tokens", "documents", "split", "slot use", "MB", "compression"], rows
+
+
+def cmd_inspect(args) -> int:
+    from cprec.data.shards import ShardSet
+
+    data = ShardSet(args.shards)
+    idx = data.index
+    print(f"{data.root}: {idx['format']} v{idx['version']}, seq_len {idx['seq_len']}, {idx['dtype']}, tokenizer "
+          f"{idx['tokenizer']['name']} (vocab {idx['tokenizer']['vocab_size']:,}), template {idx['template_version']}, "
+          f"fingerprint {data.fingerprint}")
+    print(format_table(*stream_table(idx)))
+    if args.verify:
+        print(f"\nverified {data.verify()} shards: every checksum and table is consistent")
+    if args.row is not None:
+        from cprec.backbone import load_tokenizer, resolve_tokenizer
+
+        if not args.stream:
+            raise CPRecError("--row needs --stream")
+        tok = load_tokenizer(resolve_tokenizer(args.tokenizer or idx["tokenizer"]["name"]))
+        tokens, lens, prompts = data.row(args.stream, args.row)
+        pos = 0
+        print(f"\nrow {args.row} of '{args.stream}': {len(lens)} documents, {int(lens.sum())} tokens, "
+              f"{data.seq_len - int(lens.sum())} padding")
+        for k, (n, p) in enumerate(zip(lens.tolist(), prompts.tolist())):
+            ids = tokens[pos:pos + n].tolist()
+            prompt, target = tok.decode(ids[:p]), tok.decode(ids[p:])
+            print(f"--- document {k}: {n} tokens" + (f", {p} prompt tokens (no loss)" if p else ""))
+            print((f"{prompt}<<<PROMPT ENDS>>>" if p else "") + target)
+            pos += n
+    return 0
+
+
 def cmd_quickstart(args) -> int:
     from cprec.data.prepare import PrepareConfig, prepare, summary_rows
 
@@ -69,6 +124,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     _add_config_args(p)
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("pack", help="tokenize and pack prepared documents into compressed shards")
+    p.add_argument("--input", required=True, help="a directory written by `cprec prepare`")
+    p.add_argument("--tokenizer", default="smollm2", help="a Hugging Face tokenizer folder, or smollm2 (default)")
+    p.add_argument("--out", required=True, help="shard directory")
+    p.add_argument("--seq-len", dest="seq_len", type=int, help="tokens per row (default 1024)")
+    p.add_argument("--workers", type=int, help="tokenizer processes (default 1)")
+    p.add_argument("--shard-rows", dest="shard_rows", type=int, help="about this many rows per shard (default 2048)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_pack)
+
+    p = sub.add_parser("inspect", help="show a shard directory; decode a row")
+    p.add_argument("shards", help="shard directory")
+    p.add_argument("--stream", help="stream of --row")
+    p.add_argument("--row", type=int, help="decode this row back to text")
+    p.add_argument("--tokenizer", help="tokenizer folder for --row (default: the one the index names)")
+    p.add_argument("--verify", action="store_true", help="read every shard and check its checksum")
+    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("quickstart", help="the whole pipeline on MovieLens-1M with the embedded defaults")
     p.add_argument("--out", default="runs/quickstart", help="output directory (default: runs/quickstart)")

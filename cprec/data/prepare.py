@@ -61,7 +61,9 @@ class PrepareConfig:
     downstream_domains: list[str] | None = None  # held out: never enter the pre-training corpus
     k_core: int = 5  # iterative k-core per domain, on users and items
     max_title_chars: int = 200
-    window_chars: int = 2000  # budget of one document in characters (~3 characters per token on titles)
+    tokenizer: str | None = None  # when set ('smollm2' or a folder), documents are budgeted in tokens
+    window_tokens: int = 1023  # budget of one document with a tokenizer: seq_len - 1 (pack appends EOS)
+    window_chars: int = 2000  # budget of one document without a tokenizer, in characters
     min_doc_items: int = 2  # a window with fewer items is not rendered
     min_downstream_items: int = 3  # a downstream user needs train prefix + valid + test
     sft_examples_per_user: int = 10  # fine-tuning targets per user, newest of the training prefix
@@ -72,9 +74,11 @@ class PrepareConfig:
             raise CPRecError(f"unknown source '{self.source}' (known: {', '.join(SOURCES)})")
         if self.min_downstream_items < 3:
             raise CPRecError("min_downstream_items must be at least 3 (train prefix, valid, test)")
-        if self.window_chars < 64 + self.max_title_chars:
+        if self.tokenizer is None and self.window_chars < 64 + self.max_title_chars:
             raise CPRecError(f"window_chars={self.window_chars} must leave room for a header and one title "
                              f"of max_title_chars={self.max_title_chars} (at least {64 + self.max_title_chars})")
+        if self.tokenizer is not None and self.window_tokens < 32:
+            raise CPRecError(f"window_tokens must be at least 32, got {self.window_tokens}")
         if not 0.0 <= self.max_reject_fraction <= 1.0:
             raise CPRecError(f"max_reject_fraction must be in [0, 1], got {self.max_reject_fraction}")
         overlap = set(self.pretrain_domains or []) & set(self.downstream_domains or [])
@@ -97,6 +101,34 @@ def make_source(cfg: PrepareConfig):
     if cfg.source in ("csv", "parquet"):
         return TableSource(cfg.source, cfg.input.interactions, cfg.input.items)
     return SyntheticWorld(cfg.synthetic)
+
+
+class Budget:
+    """How long a document may be: characters, or tokens of the backbone's tokenizer."""
+
+    def __init__(self, cfg: PrepareConfig):
+        self.tokenizer = None
+        if cfg.tokenizer is None:
+            self.unit, self.size, self.cost, self.identity = "chars", cfg.window_chars, len, None
+            return
+        from cprec.backbone import load_tokenizer, resolve_tokenizer, tokenizer_identity
+
+        folder = resolve_tokenizer(cfg.tokenizer)
+        self.tokenizer = load_tokenizer(folder)
+        self.identity = tokenizer_identity(folder, self.tokenizer, cfg.tokenizer if cfg.tokenizer == "smollm2"
+                                           else Path(folder).name)
+        self.unit, self.size = "tokens", cfg.window_tokens
+        self._cache: dict[str, int] = {}
+        self.cost = self._tokens
+
+    def _tokens(self, line: str) -> int:
+        n = self._cache.get(line)
+        if n is None:
+            n = self._cache[line] = len(self.tokenizer(line, add_special_tokens=False)["input_ids"])
+        return n
+
+    def describe(self) -> dict:
+        return {"unit": self.unit, "size": self.size, "tokenizer": self.identity}
 
 
 def stream_name(domain: str) -> str:
@@ -219,7 +251,7 @@ def _jsonl(fh, record: dict) -> None:
     fh.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def _write_outputs(tmp: Path, data: _Log, users, items, domains, pretrain, downstream, cfg) -> dict:
+def _write_outputs(tmp: Path, data: _Log, users, items, domains, pretrain, downstream, cfg, budget) -> dict:
     """Render documents and splits user by user; return per-stream and per-domain statistics."""
     domain_names = {i: d for d, i in data.domain_ids.items()}
     titles = [t for _d, t in data.item_ids]
@@ -259,14 +291,14 @@ def _write_outputs(tmp: Path, data: _Log, users, items, domains, pretrain, downs
         for did, seq in per_domain.items():
             domain = domain_names[did]
             if did in pre_ids:
-                _emit(doc_files[streams[domain]], streams[domain], user, domain, seq, None, cfg,
+                _emit(doc_files[streams[domain]], streams[domain], user, domain, seq, None, cfg, budget,
                       seq_lens, doc_counts)
             elif did in down_ids:
-                _emit_split(split_files[domain], "sft-" + streams[domain], user, domain, seq, cfg,
+                _emit_split(split_files[domain], "sft-" + streams[domain], user, domain, seq, cfg, budget,
                             split_counts[domain])
         if len(set(mixed_domains)) > 1:  # a one-domain history adds nothing beyond its domain stream
             _emit(doc_files[MIXED_STREAM], MIXED_STREAM, user, template.MIXED_SCOPE, mixed_titles,
-                  mixed_domains, cfg, seq_lens, doc_counts)
+                  mixed_domains, cfg, budget, seq_lens, doc_counts)
     for fh in list(doc_files.values()) + [f for files in split_files.values() for f in files.values()]:
         fh.close()
     return {"streams": {s: {"documents": doc_counts[s], "sequences": len(seq_lens[s]),
@@ -274,18 +306,18 @@ def _write_outputs(tmp: Path, data: _Log, users, items, domains, pretrain, downs
             "downstream": {d: dict(split_counts[d]) for d in downstream}}
 
 
-def _emit(fh, stream, user, scope, titles, tags, cfg, seq_lens, doc_counts) -> None:
+def _emit(fh, stream, user, scope, titles, tags, cfg, budget, seq_lens, doc_counts) -> None:
     if len(titles) < cfg.min_doc_items:
         return
     seq_lens[stream].append(len(titles))
-    for text in template.render_documents(scope, titles, tags, cfg.window_chars):
+    for text in template.render_documents(scope, titles, tags, budget.size, budget.cost):
         if text.count("\n") - 1 < cfg.min_doc_items:  # header line + item lines
             continue
         _jsonl(fh, {"stream": stream, "user": user, "text": text, "prompt_chars": 0})
         doc_counts[stream] += 1
 
 
-def _emit_split(files, stream, user, domain, seq, cfg, counts) -> None:
+def _emit_split(files, stream, user, domain, seq, cfg, budget, counts) -> None:
     if len(seq) < cfg.min_downstream_items:
         counts["users with too few items"] += 1
         return
@@ -295,7 +327,7 @@ def _emit_split(files, stream, user, domain, seq, cfg, counts) -> None:
     _jsonl(files["test"], {"user": user, "history": seq[:-1], "target": seq[-1]})
     counts["users"] += 1
     for t in range(max(1, len(train) - cfg.sft_examples_per_user), len(train)):
-        text, prompt_chars = template.render_example(domain, train[:t], train[t], cfg.window_chars)
+        text, prompt_chars = template.render_example(domain, train[:t], train[t], budget.size, budget.cost)
         _jsonl(files["sft"], {"stream": stream, "user": user, "text": text, "prompt_chars": prompt_chars})
         counts["sft examples"] += 1
 
@@ -306,6 +338,7 @@ def prepare(cfg: PrepareConfig, out: str | Path, overwrite: bool = False) -> dic
     if out.exists() and not overwrite:
         raise CPRecError(f"output directory {out} exists; pass --overwrite to replace it")
     source = make_source(cfg)
+    budget = Budget(cfg)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -347,12 +380,12 @@ def prepare(cfg: PrepareConfig, out: str | Path, overwrite: bool = False) -> dic
         raise CPRecError(f"domain '{empty[0]}' has no interactions left after the {cfg.k_core}-core; lower "
                          f"k_core or drop the domain from the configuration")
 
-    stats = _write_outputs(tmp, data, users, items, domains, pretrain, downstream, cfg)
+    stats = _write_outputs(tmp, data, users, items, domains, pretrain, downstream, cfg, budget)
     _write_items(tmp / "items.jsonl", data, items)
     manifest = {
         "stage": "prepare", "cprec_version": __version__, "template_version": template.TEMPLATE_VERSION,
         "source": {"name": cfg.source, "files": source.files()},
-        "config": to_dict(cfg),
+        "config": to_dict(cfg), "budget": budget.describe(),
         "domains": {"pretrain": pretrain, "downstream": downstream,
                     "streams": {d: stream_name(d) for d in pretrain + downstream}, "mixed_stream": MIXED_STREAM},
         "counts": {"users": int(len(np.unique(users))), "items": int(len(np.unique(items))),

@@ -34,47 +34,53 @@ def item_line(title: str, domain: str | None = None) -> str:
     return f"[{domain}] {title}{END_MARKER}" if domain else f"{title}{END_MARKER}"
 
 
-def windows(lines: list[str], budget: int) -> list[list[str]]:
-    """Cut `lines` into consecutive windows of at most `budget` characters, newest window complete.
+def windows(lines: list[str], budget: int, cost=len) -> list[list[str]]:
+    """Cut `lines` into consecutive windows of at most `budget` (by `cost`), the newest window complete.
 
-    Cutting runs from the newest line backwards, so only the oldest window may be short. A single line
-    longer than the budget gets a window of its own (titles are capped upstream, so this is rare).
+    Cutting runs from the newest line backwards, so only the oldest window may be short. `cost` measures a
+    line: characters by default, tokens when prepare is given a tokenizer (item lines tokenize
+    independently, since every line ends with a newline). A single line over the budget gets a window of its
+    own (titles are capped upstream, so this is rare).
     """
     out: list[list[str]] = []
     current: list[str] = []
     size = 0
     for line in reversed(lines):
-        if current and size + len(line) > budget:
+        n = cost(line)
+        if current and size + n > budget:
             out.append(current[::-1])
             current, size = [], 0
         current.append(line)
-        size += len(line)
+        size += n
     if current:
         out.append(current[::-1])
     return out[::-1]
 
 
-def render_documents(scope: str, titles: list[str], domains: list[str] | None, budget: int) -> list[str]:
-    """Documents for one user's sequence: one per window, each `budget` characters at most (with header)."""
+def render_documents(scope: str, titles: list[str], domains: list[str] | None, budget: int,
+                     cost=len) -> list[str]:
+    """Documents for one user's sequence: one per window, each within `budget` (header included)."""
     head = header(scope)
     lines = [item_line(t, d) for t, d in zip(titles, domains)] if domains else [item_line(t) for t in titles]
-    return [head + "".join(w) for w in windows(lines, budget - len(head))]
+    return [head + "".join(w) for w in windows(lines, budget - cost(head), cost)]
 
 
-def render_example(domain: str, history: list[str], target: str | None, budget: int) -> tuple[str, int]:
+def render_example(domain: str, history: list[str], target: str | None, budget: int,
+                   cost=len) -> tuple[str, int]:
     """A next-item example: (text, prompt_chars). The prompt keeps the newest history that fits the budget
     together with the target line; with target None the text is the prompt alone (for evaluation)."""
     head = header(domain)
     target_line = item_line(target) if target is not None else ""
-    lines = [item_line(t) for t in history]
-    room = budget - len(head) - len(target_line)
+    room = budget - cost(head) - (cost(target_line) if target_line else 0)
     kept: list[str] = []
     size = 0
-    for line in reversed(lines):
-        if size + len(line) > room:
+    for title in reversed(history):
+        line = item_line(title)
+        n = cost(line)
+        if size + n > room:
             break
         kept.append(line)
-        size += len(line)
+        size += n
     prompt = head + "".join(reversed(kept))
     return prompt + target_line, len(prompt)
 

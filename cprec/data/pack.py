@@ -1,0 +1,351 @@
+"""The pack stage: prepared documents -> tokenized, packed, compressed shards (format in `shards.py`).
+
+Each stream's documents are cut, in input order, into shard-sized groups (by characters, from a measured
+characters-per-token ratio, so a shard holds about `shard_rows` rows). A group is one task: a worker
+tokenizes it with the fast tokenizer, appends EOS to every document, packs the documents into rows of
+`seq_len` tokens by best-fit decreasing and writes the shard. Because a shard depends only on its own
+documents and the settings, the output is byte-identical whatever the number of workers, and a re-run keeps
+every shard whose sidecar says it was made from the same documents and settings and whose file checks out.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import concurrent.futures
+import hashlib
+import json
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from cprec import __version__
+from cprec.backbone import load_tokenizer, resolve_tokenizer, tokenizer_identity
+from cprec.data import shards
+from cprec.errors import CPRecError
+
+PACKER_VERSION = 1  # bump when the packing of the same documents changes, so old shards are not reused
+FAULT_ENV = "CPREC_TEST_KILL_SHARD"  # test hook: "stream/N" makes the worker die while writing shard N
+
+
+@dataclass
+class PackConfig:
+    seq_len: int = 1024
+    workers: int = 1
+    shard_rows: int = 2048  # target rows per shard (planned from characters, so approximate)
+    batch_size: int = 256  # documents per tokenizer call
+    zstd_level: int = 3
+
+    def validate(self) -> None:
+        for name in ("seq_len", "workers", "shard_rows", "batch_size"):
+            if getattr(self, name) < 1:
+                raise CPRecError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.seq_len < 16:
+            raise CPRecError(f"seq_len must be at least 16, got {self.seq_len}")
+
+
+def prepared_streams(input_dir: Path) -> tuple[dict, list[tuple[str, Path, str]]]:
+    """The prepared manifest and its streams: (name, documents file, kind) with kind pretrain or sft."""
+    path = input_dir / "manifest.json"
+    if not path.is_file():
+        raise CPRecError(f"{path}: missing; --input must be a directory written by `cprec prepare`")
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    if manifest.get("stage") != "prepare":
+        raise CPRecError(f"{path}: not a prepare manifest (stage={manifest.get('stage')!r})")
+    streams = [(name, input_dir / "documents" / f"{name}.jsonl", "pretrain") for name in manifest["streams"]]
+    for domain in manifest["domains"]["downstream"]:
+        slug = manifest["domains"]["streams"][domain]
+        streams.append((f"sft-{slug}", input_dir / "downstream" / slug / "sft.jsonl", "sft"))
+    for name, file, _ in streams:
+        if not file.is_file():
+            raise CPRecError(f"{file}: missing (stream '{name}' is listed in {path})")
+    return manifest, streams
+
+
+# ---------------------------------------------------------------- packing (pure functions, tested directly)
+
+def best_fit_decreasing(lengths: list[int], seq_len: int) -> list[list[int]]:
+    """Assign pieces (all <= seq_len) to rows: longest first, each into the row it fills best.
+
+    Returns rows as lists of piece indices, fullest rows first (so only the last rows carry much padding).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep input order
+    rows: list[list[int]] = []
+    fill: list[int] = []
+    room: list[tuple[int, int]] = []  # sorted (remaining capacity, row) of rows that are not full
+    for i in order:
+        n = lengths[i]
+        k = bisect.bisect_left(room, (n, -1))
+        if k < len(room):
+            rem, r = room.pop(k)
+        else:
+            rem, r = seq_len, len(rows)
+            rows.append([])
+            fill.append(0)
+        rows[r].append(i)
+        fill[r] += n
+        if rem - n > 0:
+            bisect.insort(room, (rem - n, r))
+    by_fill = sorted(range(len(rows)), key=lambda r: -fill[r])
+    return [rows[r] for r in by_fill]
+
+
+def cut_long(ids: list[int], prompt_len: int, seq_len: int) -> list[tuple[list[int], int]]:
+    """A document longer than seq_len, as pieces of at most seq_len tokens (the last resort)."""
+    pieces = []
+    for start in range(0, len(ids), seq_len):
+        piece = ids[start:start + seq_len]
+        pieces.append((piece, min(max(prompt_len - start, 0), len(piece))))
+    return pieces
+
+
+def pack_documents(docs: list[tuple[int, list[int], int]], seq_len: int, pad_id: int, dtype: np.dtype):
+    """docs: (doc_index, token ids with EOS, prompt tokens). Returns the shard arrays and the split count."""
+    pieces: list[tuple[int, list[int], int]] = []
+    split = 0
+    for doc_index, ids, prompt in docs:
+        if len(ids) > seq_len:
+            split += 1
+            pieces.extend((doc_index, p, pl) for p, pl in cut_long(ids, prompt, seq_len))
+        else:
+            pieces.append((doc_index, ids, prompt))
+    rows = best_fit_decreasing([len(p[1]) for p in pieces], seq_len)
+    tokens = np.full((len(rows), seq_len), pad_id, dtype=dtype)
+    row_docs, doc_lens, prompt_lens, doc_index = [], [], [], []
+    for r, members in enumerate(rows):
+        pos = 0
+        for m in members:
+            idx, ids, prompt = pieces[m]
+            tokens[r, pos:pos + len(ids)] = ids
+            pos += len(ids)
+            doc_lens.append(len(ids))
+            prompt_lens.append(prompt)
+            doc_index.append(idx)
+        row_docs.append(len(members))
+    return tokens, row_docs, doc_lens, prompt_lens, doc_index, split
+
+
+# ---------------------------------------------------------------- worker side
+
+_TOKENIZERS: dict = {}
+
+
+def _tokenizer(folder: str):
+    if folder not in _TOKENIZERS:
+        _TOKENIZERS[folder] = load_tokenizer(folder)
+    return _TOKENIZERS[folder]
+
+
+def tokenize(tok, texts: list[str], prompt_chars: list[int], eos_id: int) -> list[tuple[list[int], int]]:
+    """Token ids (EOS appended) and the number of prompt tokens (tokens starting before prompt_chars)."""
+    want_offsets = any(prompt_chars)
+    enc = tok(texts, add_special_tokens=False, return_offsets_mapping=want_offsets,
+              return_attention_mask=False)
+    out = []
+    for k, ids in enumerate(enc["input_ids"]):
+        prompt = 0
+        if prompt_chars[k]:
+            prompt = sum(1 for start, _ in enc["offset_mapping"][k] if start < prompt_chars[k])
+        out.append((ids + [eos_id], prompt))
+    return out
+
+
+def _shard_valid(path: Path, sidecar: Path, input_hash: str) -> dict | None:
+    """The sidecar entry if the shard was made from the same input and its file checks out."""
+    try:
+        entry = json.loads(sidecar.read_text())
+        data = path.read_bytes()
+    except (OSError, json.JSONDecodeError):
+        return None
+    if entry.get("input_hash") != input_hash or len(data) != entry.get("bytes") or \
+            shards.checksum(data) != entry.get("checksum"):
+        return None
+    return entry
+
+
+def pack_shard(task: dict) -> dict:
+    """Tokenize, pack and write one shard (or keep a valid one from an earlier run); return its entry."""
+    out = Path(task["out"]) / task["stream"]
+    path = out / f"{task['shard']:05d}.zst"
+    sidecar = out / f"{task['shard']:05d}.json"
+    entry = _shard_valid(path, sidecar, task["input_hash"])
+    if entry is not None:
+        return {**entry, "reused": True}
+    tok = _tokenizer(task["tokenizer"])
+    docs = []
+    texts, prompts, indices = task["texts"], task["prompt_chars"], task["doc_index"]
+    for start in range(0, len(texts), task["batch_size"]):
+        end = start + task["batch_size"]
+        for idx, (ids, prompt) in zip(indices[start:end], tokenize(tok, texts[start:end], prompts[start:end],
+                                                                    task["eos_id"])):
+            docs.append((idx, ids, prompt))
+    dtype = np.dtype(task["dtype"])
+    tokens, row_docs, doc_lens, prompt_lens, doc_index, split = pack_documents(docs, task["seq_len"],
+                                                                               task["pad_id"], dtype)
+    if os.environ.get(FAULT_ENV) == f"{task['stream']}/{task['shard']}":
+        (out / f"{path.name}.tmp{os.getpid()}").write_bytes(b"partial")  # a write cut short
+        os.kill(os.getpid(), signal.SIGKILL)
+    entry = shards.write_shard(path, tokens, row_docs, doc_lens, prompt_lens, doc_index, task["zstd_level"])
+    entry.update(split_documents=split, input_hash=task["input_hash"])
+    shards.atomic_write(sidecar, json.dumps(entry, sort_keys=True).encode())
+    return entry
+
+
+# ---------------------------------------------------------------- driver
+
+def _read_stream(path: Path):
+    with open(path, "rb") as fh:
+        for index, line in enumerate(fh):
+            try:
+                doc = json.loads(line)
+                yield index, line, doc["text"], int(doc.get("prompt_chars", 0))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                raise CPRecError(f"{path}:{index + 1}: not a prepared document ({exc})") from None
+
+
+def chars_per_token(tok, stream_files: list[Path], sample: int = 256) -> float:
+    """Measured on the first documents of the corpus, so the shard plan is deterministic."""
+    texts = []
+    for path in stream_files:
+        for _, _, text, _ in _read_stream(path):
+            texts.append(text)
+            if len(texts) >= sample:
+                break
+        if len(texts) >= sample:
+            break
+    if not texts:
+        raise CPRecError("the prepared directory holds no documents to pack")
+    tokens = sum(len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"])
+    return round(sum(len(t) for t in texts) / max(tokens, 1), 3)
+
+
+def plan_tasks(streams, settings: dict, shard_chars: float):
+    """Yield one task per shard: consecutive documents of a stream up to about `shard_chars` characters.
+
+    The task's input hash covers the settings and the documents' raw lines: a re-run keeps a shard only
+    when both are unchanged.
+    """
+    settings_bytes = json.dumps({k: settings[k] for k in sorted(settings) if k not in ("out", "tokenizer", "batch_size")},
+                                sort_keys=True).encode()
+    for name, path, _kind in streams:
+        shard, batch, size = 0, None, 0
+        for index, line, text, prompt_chars in _read_stream(path):
+            if batch is None:
+                batch = {"texts": [], "prompt_chars": [], "doc_index": [],
+                         "digest": hashlib.blake2b(settings_bytes, digest_size=16)}
+            batch["texts"].append(text)
+            batch["prompt_chars"].append(prompt_chars)
+            batch["doc_index"].append(index)
+            batch["digest"].update(line)
+            size += len(text)
+            if size >= shard_chars:
+                yield _task(settings, name, shard, batch)
+                shard, batch, size = shard + 1, None, 0
+        if batch is not None:
+            yield _task(settings, name, shard, batch)
+
+
+def _task(settings: dict, stream: str, shard: int, batch: dict) -> dict:
+    digest = batch.pop("digest")
+    return {**settings, **batch, "stream": stream, "shard": shard, "input_hash": digest.hexdigest()}
+
+
+def _run_tasks(tasks, workers: int):
+    """Yield entries in task order; at most 2 x workers shards are in flight (memory stays flat)."""
+    if workers == 1:
+        for task in tasks:
+            yield task, pack_shard(task)
+        return
+    pending: collections.deque = collections.deque()
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
+        try:
+            for task in tasks:
+                slim = {k: task[k] for k in ("stream", "shard")}
+                pending.append((slim, pool.submit(pack_shard, task)))
+                while len(pending) >= 2 * workers:
+                    slim, fut = pending.popleft()
+                    yield slim, fut.result()
+            while pending:
+                slim, fut = pending.popleft()
+                yield slim, fut.result()
+        except concurrent.futures.process.BrokenProcessPool:
+            raise CPRecError("a pack worker died; the shards completed so far are kept: re-run the same command "
+                             "to finish") from None
+
+
+def _remove_stale(out: Path, expected: dict[str, set[str]]) -> None:
+    """Delete shard files that the new index does not list (an earlier run with other input or settings)."""
+    for sub in out.iterdir():
+        if not sub.is_dir():
+            continue
+        keep = expected.get(sub.name, set())
+        for f in sub.iterdir():
+            if f.name not in keep and (f.suffix in (".zst", ".json") or ".tmp" in f.name):
+                f.unlink()
+        if not any(sub.iterdir()):
+            sub.rmdir()
+
+
+def pack(input_dir: str | Path, tokenizer: str, out: str | Path, cfg: PackConfig) -> dict:
+    """Run the pack stage; return the index (with a `report` of the run added, not written)."""
+    cfg.validate()
+    input_dir, out = Path(input_dir), Path(out)
+    manifest, streams = prepared_streams(input_dir)
+    folder = resolve_tokenizer(tokenizer)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: the worker count is the core count
+    tok = load_tokenizer(folder)
+    if tok.eos_token_id is None:
+        raise CPRecError(f"tokenizer {folder} has no EOS token; documents need one")
+    ident = tokenizer_identity(folder, tok, tokenizer if tokenizer == "smollm2" else Path(folder).name)
+    dtype = shards.token_dtype(len(tok))
+    ratio = chars_per_token(tok, [s[1] for s in streams])
+    settings = {"packer": PACKER_VERSION, "format": shards.FORMAT_VERSION, "seq_len": cfg.seq_len,
+                "tokenizer_hash": ident["hash"], "dtype": dtype.name, "eos_id": tok.eos_token_id,
+                "pad_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                "zstd_level": cfg.zstd_level}
+    task_settings = {**settings, "out": str(out), "tokenizer": str(folder), "batch_size": cfg.batch_size}
+    out.mkdir(parents=True, exist_ok=True)
+    for name, _, _ in streams:
+        (out / name).mkdir(exist_ok=True)
+
+    entries: dict[str, list[dict]] = {name: [] for name, _, _ in streams}
+    reused = 0
+    tasks = plan_tasks(streams, task_settings, cfg.shard_rows * cfg.seq_len * ratio)
+    with tqdm(desc="pack", unit=" shards", mininterval=1.0) as bar:
+        for task, entry in _run_tasks(tasks, cfg.workers):
+            reused += bool(entry.pop("reused", False))
+            entry.pop("input_hash", None)
+            entries[task["stream"]].append(entry)
+            bar.update(1)
+    _remove_stale(out, {name: {Path(e["file"]).name for e in es} | {Path(e["file"]).stem + ".json" for e in es}
+                        for name, es in entries.items()})
+
+    kinds = {name: kind for name, _, kind in streams}
+    index = {
+        "format": shards.FORMAT_NAME, "version": shards.FORMAT_VERSION, "seq_len": cfg.seq_len,
+        "dtype": dtype.name, "pad_id": settings["pad_id"], "eos_id": settings["eos_id"], "tokenizer": ident,
+        "template_version": manifest["template_version"], "cprec_version": __version__,
+        "source": {"prepared": str(input_dir), "manifest_sha256": hashlib.sha256(
+            (input_dir / "manifest.json").read_bytes()).hexdigest()[:32]},
+        "settings": {"packer": PACKER_VERSION, "shard_rows": cfg.shard_rows, "chars_per_token": ratio,
+                     "zstd_level": cfg.zstd_level},
+        "streams": {name: _stream_totals(kinds[name], es, cfg.seq_len) for name, es in entries.items()},
+    }
+    shards.write_index(out, index)
+    index["report"] = {"shards": sum(len(es) for es in entries.values()), "reused_shards": reused}
+    return index
+
+
+def _stream_totals(kind: str, entries: list[dict], seq_len: int) -> dict:
+    rows = sum(e["rows"] for e in entries)
+    tokens = sum(e["tokens"] for e in entries)
+    return {"kind": kind, "rows": rows, "tokens": tokens, "documents": sum(e["documents"] for e in entries),
+            "split_documents": sum(e.get("split_documents", 0) for e in entries),
+            "slot_use": round(tokens / (rows * seq_len), 6) if rows else 0.0,
+            "bytes": sum(e["bytes"] for e in entries),
+            "shards": [{k: e[k] for k in ("file", "rows", "tokens", "documents", "bytes", "checksum")}
+                       for e in entries]}

@@ -1,0 +1,238 @@
+"""The shard format: writer and reader side by side. This module is its only owner.
+
+Specification (format `cprec-shards`, version 1)
+-------------------------------------------------
+A shard directory holds `index.json` and one sub-directory per stream with shard files `NNNNN.zst`
+(plus a `NNNNN.json` sidecar holding the shard's index entry, used to resume an interrupted pack).
+
+A shard file, all integers little-endian:
+
+    header, 40 bytes, uncompressed:
+        magic      8 bytes  b"CPRSHRD\\0"
+        version    u32      1
+        itemsize   u32      2 (uint16 tokens) or 4 (uint32 tokens)
+        seq_len    u32      tokens per row
+        rows       u32
+        documents  u64
+        reserved   u64      0
+    body: one zstd frame holding, back to back,
+        tokens       [rows, seq_len] of the token dtype; a row is its documents back to back
+                     (each ending with EOS), then padding up to seq_len
+        row_docs     u32[rows]       documents in each row
+        doc_lens     u32[documents]  tokens of each document (EOS included), in row order
+        prompt_lens  u32[documents]  leading tokens of each document that carry no loss (0 for pre-training)
+        doc_index    u64[documents]  position of the document in its stream's input file (for tracing)
+
+`index.json` records the format name and version, `seq_len`, the token dtype, pad and EOS ids, the
+tokenizer (name, vocab size, hash of its files), the template version, the source manifest, and per stream
+the totals and the list of shards: file, rows, tokens (real, not padding), documents, bytes, checksum
+(BLAKE2b-128 of the whole file). A reader verifies the checksum before decompressing, and every error names
+the shard and what is wrong. Writes go to a temporary name and are renamed when complete.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zstandard
+
+from cprec.errors import CPRecError
+
+FORMAT_NAME = "cprec-shards"
+FORMAT_VERSION = 1
+MAGIC = b"CPRSHRD\x00"
+HEADER = struct.Struct("<8sIIIIQQ")
+DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
+INDEX_FILE = "index.json"
+
+
+class ShardError(CPRecError):
+    """A shard or index that is missing, damaged or inconsistent; the message names it."""
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every token id fits, else uint32."""
+    return DTYPES[2] if vocab_size <= 2**16 else DTYPES[4]
+
+
+def checksum(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+@dataclass
+class Shard:
+    tokens: np.ndarray  # [rows, seq_len]
+    row_docs: np.ndarray
+    doc_lens: np.ndarray
+    prompt_lens: np.ndarray
+    doc_index: np.ndarray
+
+    def __post_init__(self):
+        self.row_start = np.concatenate([[0], np.cumsum(self.row_docs, dtype=np.int64)])
+
+    def row(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens, document lengths, prompt lengths) of row i."""
+        a, b = self.row_start[i], self.row_start[i + 1]
+        return self.tokens[i], self.doc_lens[a:b], self.prompt_lens[a:b]
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def encode_shard(tokens: np.ndarray, row_docs, doc_lens, prompt_lens, doc_index, level: int = 3) -> bytes:
+    rows, seq_len = tokens.shape
+    itemsize = tokens.dtype.itemsize
+    if itemsize not in DTYPES:
+        raise ValueError(f"unsupported token dtype {tokens.dtype}")
+    arrays = [np.ascontiguousarray(tokens, dtype=DTYPES[itemsize]), np.asarray(row_docs, "<u4"),
+              np.asarray(doc_lens, "<u4"), np.asarray(prompt_lens, "<u4"), np.asarray(doc_index, "<u8")]
+    body = zstandard.ZstdCompressor(level=level).compress(b"".join(a.tobytes() for a in arrays))
+    return HEADER.pack(MAGIC, FORMAT_VERSION, itemsize, seq_len, rows, len(doc_lens), 0) + body
+
+
+def write_shard(path: Path, tokens: np.ndarray, row_docs, doc_lens, prompt_lens, doc_index,
+                level: int = 3) -> dict:
+    """Write one shard atomically; return its index entry (file name relative to the shard directory)."""
+    data = encode_shard(tokens, row_docs, doc_lens, prompt_lens, doc_index, level)
+    atomic_write(path, data)
+    return {"file": f"{path.parent.name}/{path.name}", "rows": int(tokens.shape[0]),
+            "tokens": int(np.sum(doc_lens, dtype=np.int64)), "documents": int(len(doc_lens)),
+            "bytes": len(data), "checksum": checksum(data)}
+
+
+def decode_shard(data: bytes, entry: dict, seq_len: int, dtype: np.dtype, name: str) -> Shard:
+    """Check `data` against its index entry and decode it; every failure names the shard."""
+    if len(data) != entry["bytes"]:
+        raise ShardError(f"shard {name}: {len(data)} bytes on disk, the index says {entry['bytes']} (truncated "
+                         f"or overwritten)")
+    if checksum(data) != entry["checksum"]:
+        raise ShardError(f"shard {name}: checksum mismatch (the file is corrupt or does not belong to this index)")
+    if len(data) < HEADER.size:
+        raise ShardError(f"shard {name}: shorter than its header")
+    magic, version, itemsize, file_seq_len, rows, docs, _ = HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise ShardError(f"shard {name}: not a CPRec shard (bad magic {magic!r})")
+    if version != FORMAT_VERSION:
+        raise ShardError(f"shard {name}: format version {version}, this reader reads {FORMAT_VERSION}")
+    if itemsize not in DTYPES or DTYPES[itemsize] != dtype:
+        raise ShardError(f"shard {name}: token dtype of {itemsize} bytes, the index says {dtype.name}")
+    if file_seq_len != seq_len or rows != entry["rows"] or docs != entry["documents"]:
+        raise ShardError(f"shard {name}: header (seq_len={file_seq_len}, rows={rows}, documents={docs}) "
+                         f"disagrees with the index (seq_len={seq_len}, rows={entry['rows']}, "
+                         f"documents={entry['documents']})")
+    expected = rows * seq_len * itemsize + rows * 4 + docs * 4 * 2 + docs * 8
+    try:
+        body = zstandard.ZstdDecompressor().decompress(data[HEADER.size:], max_output_size=expected)
+    except zstandard.ZstdError as exc:
+        raise ShardError(f"shard {name}: cannot decompress ({exc})") from None
+    if len(body) != expected:
+        raise ShardError(f"shard {name}: body holds {len(body)} bytes, expected {expected}")
+    offsets = np.cumsum([0, rows * seq_len * itemsize, rows * 4, docs * 4, docs * 4, docs * 8])
+    view = memoryview(body)
+    tokens = np.frombuffer(view[offsets[0]:offsets[1]], dtype=dtype).reshape(rows, seq_len)
+    row_docs = np.frombuffer(view[offsets[1]:offsets[2]], dtype="<u4")
+    doc_lens = np.frombuffer(view[offsets[2]:offsets[3]], dtype="<u4")
+    prompt_lens = np.frombuffer(view[offsets[3]:offsets[4]], dtype="<u4")
+    doc_index = np.frombuffer(view[offsets[4]:offsets[5]], dtype="<u8")
+    if int(row_docs.sum()) != docs or np.any(prompt_lens > doc_lens):
+        raise ShardError(f"shard {name}: inconsistent document tables")
+    return Shard(tokens, row_docs, doc_lens, prompt_lens, doc_index)
+
+
+def read_shard_file(root: Path, entry: dict, seq_len: int, dtype: np.dtype) -> Shard:
+    path = root / entry["file"]
+    if not path.is_file():
+        raise ShardError(f"shard {path}: missing")
+    return decode_shard(path.read_bytes(), entry, seq_len, dtype, str(path))
+
+
+def write_index(root: Path, index: dict) -> None:
+    atomic_write(root / INDEX_FILE, (json.dumps(index, indent=2, ensure_ascii=False) + "\n").encode())
+
+
+def fingerprint(index: dict) -> str:
+    """Identity of the data: what a training run's sample order and resume are tied to."""
+    ident = {"format": index["format"], "version": index["version"], "seq_len": index["seq_len"],
+             "dtype": index["dtype"], "tokenizer": index["tokenizer"]["hash"],
+             "streams": {name: [s["checksum"] for s in st["shards"]] for name, st in sorted(index["streams"].items())}}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
+
+
+class ShardSet:
+    """Reader over a shard directory: random access to row i of a stream, decompressed shards cached."""
+
+    def __init__(self, root: str | Path, cache_shards: int = 4):
+        self.root = Path(root)
+        path = self.root / INDEX_FILE
+        if not path.is_file():
+            raise ShardError(f"{path}: missing (is {self.root} a pack output directory?)")
+        try:
+            self.index = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ShardError(f"{path}: not valid JSON ({exc})") from None
+        if self.index.get("format") != FORMAT_NAME:
+            raise ShardError(f"{path}: format {self.index.get('format')!r}, expected {FORMAT_NAME!r}")
+        if self.index.get("version") != FORMAT_VERSION:
+            raise ShardError(f"{path}: format version {self.index.get('version')}, this reader reads {FORMAT_VERSION}")
+        self.seq_len = int(self.index["seq_len"])
+        self.dtype = np.dtype(self.index["dtype"]).newbyteorder("<")
+        self.streams = self.index["streams"]
+        self._starts = {name: np.concatenate([[0], np.cumsum([s["rows"] for s in st["shards"]])]).tolist()
+                        for name, st in self.streams.items()}
+        self._cache: collections.OrderedDict = collections.OrderedDict()
+        self._cache_shards = cache_shards
+        self.fingerprint = fingerprint(self.index)
+
+    def rows(self, stream: str) -> int:
+        return self._starts[self._check_stream(stream)][-1]
+
+    def _check_stream(self, stream: str) -> str:
+        if stream not in self.streams:
+            raise ShardError(f"{self.root}: no stream '{stream}' (streams: {', '.join(self.streams)})")
+        return stream
+
+    def shard(self, stream: str, k: int) -> Shard:
+        key = (stream, k)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        shard = read_shard_file(self.root, self.streams[stream]["shards"][k], self.seq_len, self.dtype)
+        self._cache[key] = shard
+        if len(self._cache) > self._cache_shards:
+            self._cache.popitem(last=False)
+        return shard
+
+    def locate(self, stream: str, i: int) -> tuple[int, int]:
+        starts = self._starts[self._check_stream(stream)]
+        if not 0 <= i < starts[-1]:
+            raise IndexError(f"row {i} out of range for stream '{stream}' with {starts[-1]} rows")
+        k = bisect.bisect_right(starts, i) - 1
+        return k, i - starts[k]
+
+    def row(self, stream: str, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens [seq_len], document lengths, prompt lengths) of row i of `stream`."""
+        k, j = self.locate(stream, i)
+        return self.shard(stream, k).row(j)
+
+    def verify(self) -> int:
+        """Read and check every shard; return how many were checked."""
+        n = 0
+        for name, st in self.streams.items():
+            for entry in st["shards"]:
+                read_shard_file(self.root, entry, self.seq_len, self.dtype)
+                n += 1
+        return n
