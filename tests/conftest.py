@@ -41,3 +41,61 @@ def gzip_copy(src: Path, dst_dir: Path) -> Path:
 @pytest.fixture
 def fixtures():
     return FIXTURES
+
+
+SMALL_WORLD = {"users": 300, "domains": 5, "items_per_domain": 40, "themes": 4, "interactions_per_user": 30,
+               "domains_per_user": 2.0}
+
+
+def _save_fast_tokenizer(tokenizer, folder: Path) -> Path:
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<pad>")
+    fast.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory) -> Path:
+    """A byte-level BPE tokenizer (vocab 400) trained on synthetic titles: small, offline, lossless."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from cprec.data.synthetic import DOMAINS, THEME_WORDS
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["User behaviour in all domains, oldest first:"] + [
+        f"[{d}] {w} {n} No. {i}" for d, n in DOMAINS for words in THEME_WORDS for w in words for i in range(3)]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<eos>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    return _save_fast_tokenizer(tok, tmp_path_factory.mktemp("tiny_tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def wide_tokenizer(tmp_path_factory) -> Path:
+    """A byte-level tokenizer whose ids all lie above 70,000, so shards need uint32 tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {f"<unused{i}>": i for i in range(70_000)}
+    vocab.update({ch: 70_000 + k for k, ch in enumerate(alphabet)})
+    vocab.update({"<eos>": 70_000 + len(alphabet), "<pad>": 70_001 + len(alphabet)})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return _save_fast_tokenizer(tok, tmp_path_factory.mktemp("wide_tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def prepared_small(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A prepared synthetic world whose documents are budgeted in tiny-tokenizer tokens (seq_len 128)."""
+    from cprec.config import from_dict
+    from cprec.data.prepare import PrepareConfig, prepare
+
+    out = tmp_path_factory.mktemp("prepared") / "small"
+    cfg = from_dict(PrepareConfig, {"source": "synthetic", "synthetic": SMALL_WORLD, "k_core": 2,
+                                    "tokenizer": str(tiny_tokenizer), "window_tokens": 127})
+    prepare(cfg, out)
+    return out

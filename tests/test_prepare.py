@@ -12,8 +12,7 @@ from cprec.data import template
 from cprec.data.prepare import PrepareConfig, prepare
 from cprec.errors import CPRecError
 
-SMALL_WORLD = {"users": 300, "domains": 5, "items_per_domain": 40, "themes": 4, "interactions_per_user": 30,
-               "domains_per_user": 2.0}
+from tests.conftest import SMALL_WORLD
 
 
 def cfg(**kw) -> PrepareConfig:

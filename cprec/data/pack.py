@@ -39,6 +39,7 @@ class PackConfig:
     shard_rows: int = 2048  # target rows per shard (planned from characters, so approximate)
     batch_size: int = 256  # documents per tokenizer call
     zstd_level: int = 3
+    line_cache: bool = True  # tokenize each distinct line once (checked against whole documents; see LineTokenizer)
 
     def validate(self) -> None:
         for name in ("seq_len", "workers", "shard_rows", "batch_size"):
@@ -134,10 +135,14 @@ def pack_documents(docs: list[tuple[int, list[int], int]], seq_len: int, pad_id:
 _TOKENIZERS: dict = {}
 
 
-def _tokenizer(folder: str):
-    if folder not in _TOKENIZERS:
-        _TOKENIZERS[folder] = load_tokenizer(folder)
-    return _TOKENIZERS[folder]
+def _tokenizer(task: dict):
+    """One tokenizer per worker process and settings, kept across shards (the line cache with it)."""
+    key = (task["tokenizer"], task["dtype"], task["line_cache"])
+    if key not in _TOKENIZERS:
+        tok = load_tokenizer(task["tokenizer"])
+        _TOKENIZERS[key] = LineTokenizer(tok, np.dtype(task["dtype"])) if task["line_cache"] else \
+            (lambda texts, prompts, eos, first: tokenize(tok, texts, prompts, eos))
+    return _TOKENIZERS[key]
 
 
 def tokenize(tok, texts: list[str], prompt_chars: list[int], eos_id: int) -> list[tuple[list[int], int]]:
@@ -152,6 +157,65 @@ def tokenize(tok, texts: list[str], prompt_chars: list[int], eos_id: int) -> lis
             prompt = sum(1 for start, _ in enc["offset_mapping"][k] if start < prompt_chars[k])
         out.append((ids + [eos_id], prompt))
     return out
+
+
+class LineTokenizer:
+    """Tokenizes documents line by line, each distinct line once.
+
+    A CPRec document is a header and item lines, each ending in a newline, and a catalogue has far fewer
+    distinct lines than a corpus has lines (MovieLens: ~30k distinct lines, ~1.5M lines). With a byte-level
+    BPE tokenizer whose pre-tokenizer splits at newlines (GPT-2 style, SmolLM2 among them), the tokens of a
+    document are exactly the concatenation of its lines' tokens, since no pre-token crosses a newline and the
+    template strips whitespace around titles. That is checked, not assumed: every `verify_every`-th document
+    is also tokenized whole, and one mismatch turns the fast path off for the rest of the process.
+    """
+
+    MAX_CACHED_LINES = 2_000_000  # a bound on memory for huge catalogues; the cache restarts when full
+
+    def __init__(self, tok, dtype: np.dtype, verify_every: int = 64):
+        self.tok, self.dtype, self.verify_every = tok, dtype, verify_every
+        self.cache: dict[str, np.ndarray] = {}
+        self.exact = True  # False once a whole-document tokenization disagreed
+
+    def _lines(self, texts: list[str]) -> list[list[str]]:
+        split = [t.split("\n") for t in texts]
+        lines = [[p + "\n" for p in parts[:-1]] + ([parts[-1]] if parts[-1] else []) for parts in split]
+        missing = list(dict.fromkeys(l for ls in lines for l in ls if l not in self.cache))
+        if len(self.cache) + len(missing) > self.MAX_CACHED_LINES:
+            self.cache.clear()
+            missing = list(dict.fromkeys(l for ls in lines for l in ls))
+        if missing:
+            enc = self.tok(missing, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+            self.cache.update(zip(missing, (np.asarray(ids, dtype=self.dtype) for ids in enc)))
+        return lines
+
+    def __call__(self, texts: list[str], prompt_chars: list[int], eos_id: int, first: int):
+        """(ids with EOS, prompt tokens) per text; `first` numbers the documents for the sampling."""
+        if not self.exact:
+            return tokenize(self.tok, texts, prompt_chars, eos_id)
+        eos = np.asarray([eos_id], dtype=self.dtype)
+        out = []
+        for k, lines in enumerate(self._lines(texts)):
+            parts = [self.cache[l] for l in lines]
+            prompt = 0
+            if prompt_chars[k]:
+                chars = 0
+                for line, part in zip(lines, parts):
+                    if chars >= prompt_chars[k]:
+                        break
+                    chars += len(line)
+                    prompt += len(part)
+                if chars != prompt_chars[k]:  # the prompt does not end at a line end: tokenize it whole
+                    out.append(tokenize(self.tok, [texts[k]], [prompt_chars[k]], eos_id)[0])
+                    continue
+            out.append((np.concatenate(parts + [eos]), prompt))
+        for k in range(len(texts)):
+            if (first + k) % self.verify_every == 0:
+                whole = tokenize(self.tok, [texts[k]], [prompt_chars[k]], eos_id)[0]
+                if whole[1] != out[k][1] or not np.array_equal(np.asarray(whole[0]), out[k][0]):
+                    self.exact = False
+                    return tokenize(self.tok, texts, prompt_chars, eos_id)
+        return out
 
 
 def _shard_valid(path: Path, sidecar: Path, input_hash: str) -> dict | None:
@@ -175,14 +239,13 @@ def pack_shard(task: dict) -> dict:
     entry = _shard_valid(path, sidecar, task["input_hash"])
     if entry is not None:
         return {**entry, "reused": True}
-    tok = _tokenizer(task["tokenizer"])
+    tokenize_batch = _tokenizer(task)
     docs = []
     texts, prompts, indices = task["texts"], task["prompt_chars"], task["doc_index"]
     for start in range(0, len(texts), task["batch_size"]):
         end = start + task["batch_size"]
-        for idx, (ids, prompt) in zip(indices[start:end], tokenize(tok, texts[start:end], prompts[start:end],
-                                                                    task["eos_id"])):
-            docs.append((idx, ids, prompt))
+        encoded = tokenize_batch(texts[start:end], prompts[start:end], task["eos_id"], indices[start])
+        docs.extend((idx, ids, prompt) for idx, (ids, prompt) in zip(indices[start:end], encoded))
     dtype = np.dtype(task["dtype"])
     tokens, row_docs, doc_lens, prompt_lens, doc_index, split = pack_documents(docs, task["seq_len"],
                                                                                task["pad_id"], dtype)
@@ -229,7 +292,7 @@ def plan_tasks(streams, settings: dict, shard_chars: float):
     The task's input hash covers the settings and the documents' raw lines: a re-run keeps a shard only
     when both are unchanged.
     """
-    settings_bytes = json.dumps({k: settings[k] for k in sorted(settings) if k not in ("out", "tokenizer", "batch_size")},
+    settings_bytes = json.dumps({k: settings[k] for k in sorted(settings) if k not in ("out", "tokenizer", "batch_size", "line_cache")},
                                 sort_keys=True).encode()
     for name, path, _kind in streams:
         shard, batch, size = 0, None, 0
@@ -307,7 +370,8 @@ def pack(input_dir: str | Path, tokenizer: str, out: str | Path, cfg: PackConfig
                 "tokenizer_hash": ident["hash"], "dtype": dtype.name, "eos_id": tok.eos_token_id,
                 "pad_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
                 "zstd_level": cfg.zstd_level}
-    task_settings = {**settings, "out": str(out), "tokenizer": str(folder), "batch_size": cfg.batch_size}
+    task_settings = {**settings, "out": str(out), "tokenizer": str(folder), "batch_size": cfg.batch_size,
+                     "line_cache": cfg.line_cache}
     out.mkdir(parents=True, exist_ok=True)
     for name, _, _ in streams:
         (out / name).mkdir(exist_ok=True)
