@@ -60,6 +60,39 @@ def smollm2_tokenizer_folder() -> Path:
     return target
 
 
+def smollm2_folder() -> Path:
+    """SmolLM2-135M (weights, config, tokenizer) as a plain Hugging Face folder, converted once from GGUF.
+
+    transformers dequantizes the Q4_1 GGUF file to fp32 when loading; `save_pretrained` refuses a model loaded
+    that way, so a plain model is rebuilt from its config (without the quantization config) and state dict.
+    """
+    target = smollm2_tokenizer_folder().parent / "model"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf = smollm2_gguf()
+    transformers = _quiet_transformers()
+    import torch
+
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                                 dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise CPRecError(f"converting {gguf}: missing weights {missing}, unexpected {unexpected}")
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(str(tmp))
+    for f in smollm2_tokenizer_folder().iterdir():
+        shutil.copy(f, tmp / f.name)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
 def resolve_tokenizer(spec: str) -> Path:
     """`smollm2` or a folder holding a Hugging Face fast tokenizer (tokenizer.json)."""
     if spec == SMOLLM2:

@@ -236,3 +236,51 @@ class ShardSet:
                 read_shard_file(self.root, entry, self.seq_len, self.dtype)
                 n += 1
         return n
+
+
+def write_random_shardset(root: str | Path, rows_per_stream: dict[str, int], seq_len: int, shard_rows: int,
+                          vocab: int = 1000, seed: int = 0, kinds: dict[str, str] | None = None) -> dict:
+    """A valid shard directory of random documents, for tests and benchmarks of the readers and the stream.
+
+    Rows hold 1-4 documents each and 0-2 padding tokens; token values are low-entropy so that large sets
+    stay small on disk.
+    """
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    dtype = token_dtype(vocab)
+    streams = {}
+    for name, total in rows_per_stream.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        entries = []
+        for k, start in enumerate(range(0, total, shard_rows)):
+            rows = min(shard_rows, total - start)
+            tokens = (np.arange(rows * seq_len, dtype=np.int64).reshape(rows, seq_len) % (vocab - 1) + 1).astype(dtype)
+            row_docs = rng.integers(1, 5, rows)
+            pad = rng.integers(0, 3, rows)
+            doc_lens = _split_rows(row_docs, seq_len - pad)
+            prompt_lens = np.zeros_like(doc_lens)
+            if (kinds or {}).get(name) == "sft":
+                prompt_lens = (doc_lens * rng.random(len(doc_lens))).astype(np.int64)
+            entry = write_shard(root / name / f"{k:05d}.zst", tokens, row_docs, doc_lens, prompt_lens,
+                                np.arange(len(doc_lens)) + start * 4, level=1)
+            entries.append(entry)
+        rows = sum(e["rows"] for e in entries)
+        tokens = sum(e["tokens"] for e in entries)
+        streams[name] = {"kind": (kinds or {}).get(name, "pretrain"), "rows": rows, "tokens": tokens,
+                         "documents": sum(e["documents"] for e in entries), "split_documents": 0,
+                         "slot_use": tokens / max(rows * seq_len, 1), "bytes": sum(e["bytes"] for e in entries),
+                         "shards": entries}
+    index = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "seq_len": seq_len, "dtype": dtype.name,
+             "pad_id": 0, "eos_id": vocab - 1, "tokenizer": {"name": "random", "vocab_size": vocab, "hash": "random",
+                                                               "eos_id": vocab - 1},
+             "template_version": "none", "streams": streams}
+    write_index(root, index)
+    return index
+
+
+def _split_rows(row_docs: np.ndarray, used: np.ndarray) -> np.ndarray:
+    """Document lengths that split each row's `used` tokens into `row_docs` near-equal parts (vectorised)."""
+    row = np.repeat(np.arange(len(row_docs)), row_docs)
+    part = np.arange(len(row)) - np.repeat(np.cumsum(row_docs) - row_docs, row_docs)
+    base = used[row] // row_docs[row]
+    return base + (part == row_docs[row] - 1) * (used[row] - base * row_docs[row])
