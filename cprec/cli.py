@@ -108,6 +108,26 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    """The one-process case of launch/train.py (use deepspeed/torchrun for several ranks)."""
+    from cprec.trainer import main as train_main
+
+    argv = (["--config", args.config] if args.config else []) + (["--resume"] if args.resume else [])
+    if args.anneal_from:
+        argv += ["--anneal-from", args.anneal_from, "--anneal-steps", str(args.anneal_steps)]
+    if args.mixture:
+        argv += ["--mixture", *args.mixture]
+    return train_main(argv + list(args.overrides))
+
+
+def cmd_export(args) -> int:
+    from cprec.export import export
+
+    out = export(args.checkpoint, args.out, args.dtype)
+    print(f"exported {args.checkpoint} -> {out} (AutoModelForCausalLM.from_pretrained('{out}') loads it)")
+    return 0
+
+
 def cmd_quickstart(args) -> int:
     """The README's main job: every stage that exists, on MovieLens-1M with the embedded defaults."""
     from cprec.data.pack import PackConfig, pack
@@ -160,6 +180,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer folder for --row (default: the one the index names)")
     p.add_argument("--verify", action="store_true", help="read every shard and check its checksum")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("train", help="continual pre-training in this process (launch/train.py for several)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    p.add_argument("--anneal-from", dest="anneal_from", help="branch from a stable-phase checkpoint")
+    p.add_argument("--anneal-steps", dest="anneal_steps", type=int, help="length of the branch's anneal phase")
+    p.add_argument("--mixture", nargs="*", default=[], metavar="stream=weight", help="the branch's own mixture")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="a checkpoint -> a Hugging Face folder")
+    p.add_argument("checkpoint", help="RUN/checkpoints/stepNNNNNNNN")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("quickstart", help="the whole pipeline on MovieLens-1M with the embedded defaults")
     p.add_argument("--out", default="runs/quickstart", help="output directory (default: runs/quickstart)")

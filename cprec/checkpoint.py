@@ -1,0 +1,120 @@
+"""Checkpoints: DeepSpeed checkpoints under run/checkpoints/, tagged by step, that count only when complete.
+
+Every rank writes its part with `engine.save_checkpoint` (DeepSpeed's own `latest` file is not written);
+after a barrier, rank 0 writes `<tag>/complete.json` (the CPRec training state: step, phase, stream state,
+config hash, lineage, world size) and only then moves `checkpoints/latest`. A checkpoint without its
+marker (a save killed half-way) is never loaded and is removed by the next run. Retention keeps the last K
+complete checkpoints, the stable-phase branch points at a configured interval, and the latest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from cprec.errors import CPRecError
+
+MARKER = "complete.json"
+LATEST = "latest"
+_TAG = re.compile(r"^step(\d{8})$")
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def step_of(tag: str) -> int:
+    match = _TAG.match(tag)
+    if not match:
+        raise CPRecError(f"'{tag}' is not a checkpoint tag (stepNNNNNNNN)")
+    return int(match.group(1))
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def mark_complete(root: Path, tag: str, state: dict) -> None:
+    """Rank 0, after every rank has written: the marker, then `latest`."""
+    write_json_atomic(root / tag / MARKER, state)
+    tmp = root / f"{LATEST}.tmp{os.getpid()}"
+    tmp.write_text(tag + "\n")
+    os.replace(tmp, root / LATEST)
+
+
+def complete_tags(root: Path) -> list[str]:
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if _TAG.match(p.name) and (p / MARKER).is_file())
+
+
+def latest_complete(root: Path) -> str | None:
+    latest = root / LATEST
+    if latest.is_file():
+        tag = latest.read_text().strip()
+        if (root / tag / MARKER).is_file():
+            return tag
+    tags = complete_tags(root)
+    return tags[-1] if tags else None
+
+
+def read_state(checkpoint: Path) -> dict:
+    """The training state of a complete checkpoint directory (run/checkpoints/stepNNNNNNNN)."""
+    marker = Path(checkpoint) / MARKER
+    if not marker.is_file():
+        raise CPRecError(f"{checkpoint} is not a complete checkpoint (no {MARKER}); it may have been interrupted")
+    return json.loads(marker.read_text())
+
+
+def remove_incomplete(root: Path) -> list[str]:
+    """Delete checkpoint directories without a marker (saves that were killed); return their tags."""
+    removed = []
+    if root.is_dir():
+        for p in sorted(root.iterdir()):
+            if p.is_dir() and _TAG.match(p.name) and not (p / MARKER).is_file():
+                shutil.rmtree(p)
+                removed.append(p.name)
+    return removed
+
+
+def prune(root: Path, keep_last: int, is_branch_point) -> list[str]:
+    """Delete complete checkpoints beyond the last `keep_last`, keeping branch points and `latest`."""
+    tags = complete_tags(root)
+    latest = latest_complete(root)
+    keep = set(tags[-keep_last:]) if keep_last > 0 else set()
+    removed = []
+    for tag in tags:
+        if tag in keep or tag == latest or is_branch_point(step_of(tag)):
+            continue
+        shutil.rmtree(root / tag)
+        removed.append(tag)
+    return removed
+
+
+def saved_world_size(checkpoint: Path) -> int:
+    """How many data-parallel ranks wrote a ZeRO checkpoint (one optimizer-state file each)."""
+    return len(list(Path(checkpoint).glob("*zero_pp_rank_*_mp_rank_*_optim_states.pt")))
+
+
+def to_universal(checkpoint: Path) -> Path:
+    """Convert a ZeRO checkpoint with DeepSpeed's own tool, so that it loads at another world size."""
+    checkpoint = Path(checkpoint)
+    out = checkpoint.with_name(checkpoint.name + "_universal")
+    if (out / MARKER).is_file():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(checkpoint),
+           "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise CPRecError(f"converting {checkpoint} to a universal checkpoint failed; run by hand:\n  "
+                         f"{' '.join(cmd)}\n{proc.stderr[-2000:]}")
+    shutil.copy(checkpoint / MARKER, out / MARKER)
+    return out

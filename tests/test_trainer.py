@@ -1,0 +1,229 @@
+"""The ZeRO-3 trainer for real: two processes over gloo (torchrun), a tiny Llama in fp32, random shards."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from cprec import checkpoint as ckpt
+from cprec.config import ConfigError, from_dict
+from cprec.data.shards import write_random_shardset
+from cprec.errors import CPRecError
+from cprec.schedule import ScheduleConfig, branch, lr
+from cprec.trainer import KILL_IN_SAVE_ENV, TrainConfig, build_ds_config
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"model_type": "llama", "vocab_size": 128, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
+SCHEDULE = {"peak_lr": 0.003, "min_lr": 0.0003, "warmup_steps": 2, "stable_steps": 6, "anneal_steps": 2,
+            "anneal_shape": "cosine"}
+TOTAL = 10
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trainer")
+    write_random_shardset(root / "shards", {"a": 200, "b": 100, "mixed": 60}, seq_len=32, shard_rows=16, vocab=128)
+    config = {"shards": str(root / "shards"), "model": {"name": None, "config": TINY}, "global_batch": 8,
+              "micro_batch": 2, "schedule": SCHEDULE, "mixture": {"a": 0.5, "b": 0.3, "mixed": 0.2},
+              "checkpoint": {"every": 100, "keep_last": 100}}
+    (root / "tiny.yaml").write_text(yaml.safe_dump(config))
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(work: Path, run: str, *args, nproc: int = 2, env: dict | None = None, check: bool = True,
+             wait: bool = True):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(free_port()), str(REPO / "launch" / "train.py"), "--config", str(work / "tiny.yaml"),
+           f"run_dir={work / run}", *args]
+    full_env = {**os.environ, **(env or {})}
+    if not wait:
+        return subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(run: Path, tag: str) -> dict:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(run / "checkpoints"), tag=tag)
+
+
+@pytest.fixture(scope="module")
+def straight(work):
+    """Ten steps on two ranks without interruption, a checkpoint after every step, branch points kept."""
+    torchrun(work, "straight", "checkpoint.every=1", "checkpoint.branch_every=2")
+    return work / "straight"
+
+
+def test_straight_run_follows_the_schedule_and_writes_the_run_directory(straight):
+    records = metrics(straight)
+    assert [r["step"] for r in records] == list(range(1, TOTAL + 1))
+    cfg = ScheduleConfig(**SCHEDULE)
+    assert [r["lr"] for r in records] == [lr(s, cfg) for s in range(TOTAL)]
+    assert [r["phase"] for r in records] == ["warmup"] * 2 + ["stable"] * 6 + ["anneal"] * 2
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert set(records[0]["loss_per_stream"]) == {"a", "b", "mixed"}
+    for name in ("config.yaml", "lineage.json", "plots/lr.png", "plots/loss.png", "model/config.json"):
+        assert (straight / name).is_file(), name
+    assert (straight / "checkpoints" / ckpt.LATEST).read_text().strip() == ckpt.tag_for(TOTAL)
+    state = ckpt.read_state(straight / "checkpoints" / ckpt.tag_for(TOTAL))
+    assert state["step"] == TOTAL and state["world_size"] == 2 and state["stream"]["step"] == TOTAL
+
+
+@pytest.mark.parametrize("cut", [1, 5, 9])  # in warmup, stable and anneal
+def test_stop_and_resume_is_bit_exact(work, straight, cut):
+    run = f"cut{cut}"
+    torchrun(work, run, f"max_steps={cut}")
+    assert ckpt.latest_complete(work / run / "checkpoints") == ckpt.tag_for(cut)
+    torchrun(work, run, "--resume")
+    assert [r["loss"] for r in metrics(work / run)] == [r["loss"] for r in metrics(straight)]  # max |d| = 0
+    final, want = weights(work / run, ckpt.tag_for(TOTAL)), weights(straight, ckpt.tag_for(TOTAL))
+    assert final.keys() == want.keys() and all(torch.equal(final[k], want[k]) for k in want)
+
+
+def test_kill_during_a_save_resumes_from_the_previous_complete_checkpoint(work, straight):
+    run = work / "killed"
+    proc = torchrun(work, "killed", "checkpoint.every=3", env={KILL_IN_SAVE_ENV: ckpt.tag_for(6)}, check=False)
+    assert proc.returncode != 0
+    assert (run / "checkpoints" / ckpt.tag_for(6)).is_dir()  # written, but never marked complete
+    assert ckpt.latest_complete(run / "checkpoints") == ckpt.tag_for(3)
+    resumed = torchrun(work, "killed", "checkpoint.every=3", "--resume")
+    assert "removed incomplete checkpoint(s) step00000006" in resumed.stdout + resumed.stderr
+    assert [r["loss"] for r in metrics(run)] == [r["loss"] for r in metrics(straight)]
+
+
+def test_resume_on_one_rank_sees_the_same_global_rows(work, straight):
+    run = work / "two_to_one"
+    torchrun(work, "two_to_one", "max_steps=4")
+    out = torchrun(work, "two_to_one", "--resume", "micro_batch=2", nproc=1)
+    assert "written by 2 ranks, now 1" in out.stdout + out.stderr
+    assert (run / "checkpoints" / f"{ckpt.tag_for(4)}_universal").is_dir()  # DeepSpeed's conversion
+    got, want = metrics(run), metrics(straight)
+    assert [r["tokens_per_stream"] for r in got] == [r["tokens_per_stream"] for r in want]  # the same rows
+    for g, w in zip(got[4:], want[4:]):  # one rank sums in another order: equal up to rounding
+        assert g["loss"] == pytest.approx(w["loss"], rel=1e-4)
+
+
+def test_anneal_branch_starts_from_the_parents_weights_moments_and_lr(work, straight):
+    parent = straight / "checkpoints" / ckpt.tag_for(4)
+    assert parent.is_dir()  # a branch point outlives retention
+    torchrun(work, "branch", "--anneal-from", str(parent), "--anneal-steps", "3", "max_steps=0")
+    branch_run = work / "branch"
+    lineage = json.loads((branch_run / "lineage.json").read_text())
+    assert lineage["parent"]["step"] == 4 and lineage["parent"]["checkpoint"] == str(parent)
+    start = branch_run / "checkpoints" / ckpt.tag_for(4)
+    for f in sorted(parent.glob("*optim_states.pt")):
+        a = torch.load(f, weights_only=False)["optimizer_state_dict"]
+        b = torch.load(start / f.name, weights_only=False)["optimizer_state_dict"]
+        sa, sb = a["optimizer_state_dict"]["state"], b["optimizer_state_dict"]["state"]
+        assert sa.keys() == sb.keys() and sa
+        for k in sa:
+            for name in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(sa[k][name], sb[k][name])
+    torchrun(work, "branch", "--resume")  # a branch resumes like any run, from its own checkpoints
+    records = metrics(branch_run)
+    want = branch(ScheduleConfig(**SCHEDULE), 4, 3)
+    assert [r["step"] for r in records] == [5, 6, 7]
+    assert [r["lr"] for r in records] == [lr(s, want) for s in (4, 5, 6)]
+    assert records[0]["lr"] == SCHEDULE["peak_lr"] and [r["phase"] for r in records] == ["anneal"] * 3
+    parent_records = metrics(straight)
+    assert records[0]["tokens_per_stream"] == parent_records[4]["tokens_per_stream"]  # the data continues
+
+
+def test_export_gives_the_engines_logits(work, straight, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from cprec.export import export
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(REPO / "tests" / "helpers" / "engine_logits.py"), str(work / "tiny.yaml"), str(tmp_path / "ref.pt"),
+           f"run_dir={straight}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ref = torch.load(tmp_path / "ref.pt")
+    assert ref["step"] == TOTAL
+    out = export(straight / "checkpoints" / ckpt.tag_for(TOTAL), tmp_path / "hf")
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        logits = model(input_ids=ref["input_ids"]).logits
+    torch.testing.assert_close(logits, ref["logits"], rtol=1e-5, atol=1e-5)
+    with pytest.raises(CPRecError, match="not a complete checkpoint"):
+        export(tmp_path, tmp_path / "nope")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_signal_saves_at_the_next_step_and_exits_zero(work, sig):
+    name = f"signal_{sig.name}"
+    proc = torchrun(work, name, "schedule.stable_steps=100000", "log_every=1", wait=False)
+    run = work / name
+    deadline = time.time() + 240
+    while time.time() < deadline and not ((run / "metrics.jsonl").is_file() and len(metrics(run)) >= 2):
+        time.sleep(0.2)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    for pid in workers:  # as Slurm signals the job's processes
+        os.kill(int(pid), sig)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out[-3000:]
+    tag = ckpt.latest_complete(run / "checkpoints")
+    assert tag is not None and ckpt.read_state(run / "checkpoints" / tag)["step"] == metrics(run)[-1]["step"]
+    assert f"{sig.name}: saved {tag}, exiting" in out
+
+
+def test_two_node_rendezvous_on_localhost(work):
+    port = free_port()
+    procs = []
+    for node in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+               "--node_rank", str(node), "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
+               "--rdzv_id", "cprec-test", str(REPO / "launch" / "train.py"), "--config", str(work / "tiny.yaml"),
+               f"run_dir={work / 'two_nodes'}", "max_steps=3"]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:]
+    state = ckpt.read_state(work / "two_nodes" / "checkpoints" / ckpt.tag_for(3))
+    assert state["world_size"] == 2 and len(metrics(work / "two_nodes")) == 3
+
+
+def test_deepspeed_launcher_runs_two_ranks(work):
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(REPO / "launch" / "train.py"),
+           "--config", str(work / "tiny.yaml"), f"run_dir={work / 'ds_launcher'}", "max_steps=2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert ckpt.read_state(work / "ds_launcher" / "checkpoints" / ckpt.tag_for(2))["world_size"] == 2
+
+
+def test_config_and_batch_errors_name_what_is_wrong(work):
+    with pytest.raises(ConfigError, match="unknown key 'schedule.peak'"):
+        from_dict(TrainConfig, {"shards": "x", "schedule": {"peak": 1}})
+    cfg = from_dict(TrainConfig, {"shards": "x", "global_batch": 8, "micro_batch": 3})
+    with pytest.raises(CPRecError, match=r"global_batch=8 must equal world size \(2\) x micro_batch \(3\) x "
+                                         r"grad_accum \(1\) = 6"):
+        build_ds_config(cfg, 2, cuda=False)
+    proc = torchrun(work, "exists", "max_steps=1")
+    again = torchrun(work, "exists", "max_steps=1", check=False)
+    assert again.returncode != 0 and "already holds checkpoints; pass --resume" in again.stderr
+    assert proc.returncode == 0
