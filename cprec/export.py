@@ -26,7 +26,10 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "float32") -> P
     model_dir = run / "model"
     if not (model_dir / "config.json").is_file():
         raise CPRecError(f"{model_dir / 'config.json'} is missing: is {checkpoint} inside a CPRec run directory?")
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
     transformers.logging.set_verbosity_error()
+    unset_hf_deepspeed_config()  # a trainer in this process must not turn the model build into zero.Init
     weights = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
     config = transformers.AutoConfig.from_pretrained(model_dir)
     config.use_cache = True  # the exported model serves generation
