@@ -38,14 +38,18 @@ def test_movielens_missing_package_says_how_to_install(monkeypatch):
         MovieLens1M()
 
 
+def fixture_folder(folder, tmp_path, gz: bool):
+    """The fixture folder itself, or a gzipped copy of every file in it."""
+    if not gz:
+        return folder
+    for path in folder.iterdir():
+        gzip_copy(path, tmp_path / "gz")
+    return tmp_path / "gz"
+
+
 @pytest.mark.parametrize("gz", [False, True])
 def test_amazon2018_reader(fixtures, tmp_path, gz):
-    folder = fixtures / "amazon2018"
-    if gz:
-        for path in folder.iterdir():
-            gzip_copy(path, tmp_path / "gz")
-        folder = tmp_path / "gz"
-    pairs = AmazonReviews.discover(folder)
+    pairs = AmazonReviews.discover(fixture_folder(fixtures / "amazon2018", tmp_path, gz))
     assert sorted(pairs) == ["Books", "Movies_and_TV"]  # Movies_and_TV_5.json is the 5-core review file
     items, inter, log = read_all(AmazonReviews("amazon2018", pairs), tmp_path)
     assert ("0002007770", "Water for Elephants", "Books") in items
@@ -56,11 +60,7 @@ def test_amazon2018_reader(fixtures, tmp_path, gz):
 
 @pytest.mark.parametrize("gz", [False, True])
 def test_amazon2023_reader(fixtures, tmp_path, gz):
-    folder = fixtures / "amazon2023"
-    if gz:
-        for path in folder.iterdir():
-            gzip_copy(path, tmp_path / "gz")
-        folder = tmp_path / "gz"
+    folder = fixture_folder(fixtures / "amazon2023", tmp_path, gz)
     items, inter, log = read_all(AmazonReviews("amazon2023", AmazonReviews.discover(folder)), tmp_path)
     assert items[1] == ("B081TJ8YS3", "Yes to Tomatoes Detoxifying Charcoal Cleanser", "All_Beauty")
     assert inter[0] == ("AGKHLEW2SOWHNMFQIJGBECAF7INQ", "B00YQ6X8EO", 1588687728923.0, "All_Beauty")
