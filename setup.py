@@ -12,7 +12,7 @@ setup(
         # torch is pinned by the install commands (CPU build here, CUDA build on clusters); any 2.4+ works
         "torch>=2.4",
         "deepspeed>=0.15",
-        "transformers>=4.46",
+        "transformers>=5.24,<6",  # the `cache` keyword of model calls (5.x); tested with 5.24
         "datasets>=3.0",
         "sentencepiece>=0.2",
         "numpy>=1.26",

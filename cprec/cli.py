@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -128,6 +129,21 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from cprec.eval.evaluate import EvalConfig, evaluate
+
+    overrides = list(args.overrides) + [f"protocol={args.protocol}"]
+    if args.domains:
+        overrides.append(f"domains={json.dumps(args.domains)}")
+    if args.users is not None:
+        overrides.append(f"users={args.users}")
+    cfg = load_config(EvalConfig, None, overrides)
+    results = evaluate(args.model, args.data, args.out, cfg, args.candidates)
+    print((Path(args.out) / "results.md").read_text())
+    print(f"results in {args.out}/results.json and results.md ({len(results['domains'])} domains)")
+    return 0
+
+
 def cmd_quickstart(args) -> int:
     """The README's main job: every stage, on MovieLens-1M with the embedded defaults."""
     import shutil
@@ -215,6 +231,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("evaluate", help="next-item recommendation on the held-out downstream domains")
+    p.add_argument("--model", required=True, help="a Hugging Face model folder (e.g. cprec export's), or smollm2")
+    p.add_argument("--data", required=True, help="a directory written by `cprec prepare`")
+    p.add_argument("--out", required=True, help="results directory")
+    p.add_argument("--domains", nargs="*", help="downstream domains (default: all)")
+    p.add_argument("--protocol", default="both", choices=["full", "sampled", "both"])
+    p.add_argument("--users", type=int, help="a seeded sample of this many test users per domain (default: all)")
+    p.add_argument("--candidates", help="score on the candidates saved by an earlier run (DIR/candidates)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. beam=10 negatives=99 seed=0")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("quickstart", help="the whole pipeline on MovieLens-1M with the embedded defaults")
     p.add_argument("--out", default="runs/quickstart", help="output directory (default: runs/quickstart)")

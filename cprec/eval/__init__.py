@@ -1,0 +1,1 @@
+"""Next-item recommendation evaluation: metrics, LLM scoring (sampled and full ranking), SASRec."""
