@@ -54,13 +54,15 @@ def test_shared_cache_scores_equal_one_forward_per_candidate(tiny):
 
 
 def test_constrained_top_k_is_exact_and_only_yields_catalogue_titles(tiny):
-    trie = TitleTrie([tiny.line_ids(t) for t in TITLES])
+    trie = TitleTrie([tiny.line_ids(t) for t in TITLES], TITLES)
     brute = tiny.score_naive(PROMPT, TITLES)
     order = np.argsort(-brute, kind="stable")
     for beam in (1, 4, 20):
         top = tiny.top_k(PROMPT, trie, k=10, beam=beam)
         assert [i for i, _ in top] == order[:10].tolist()
         np.testing.assert_allclose([s for _, s in top], brute[order[:10]], rtol=1e-5, atol=1e-5)
+    exhaustive = tiny.top_k(PROMPT, trie, k=10, exhaustive_below=1000)
+    assert [i for i, _ in exhaustive] == order[:10].tolist()
     everything = tiny.top_k(PROMPT, trie, k=len(TITLES) + 5, beam=8)  # K above the catalogue size
     assert sorted(i for i, _ in everything) == list(range(len(TITLES)))
 

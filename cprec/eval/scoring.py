@@ -26,7 +26,8 @@ from cprec.data.template import item_line
 class TitleTrie:
     """Prefix tree of token sequences; `end` marks the title a path spells."""
 
-    def __init__(self, sequences: list[list[int]]):
+    def __init__(self, sequences: list[list[int]], titles: list[str] | None = None):
+        self.titles = titles or []  # the titles themselves, for exhaustive scoring of small catalogues
         self.root: dict = {}
         for index, seq in enumerate(sequences):
             if not seq:
@@ -102,8 +103,17 @@ class TitleScorer:
 
     # ---- full ranking
     @torch.no_grad()
-    def top_k(self, prompt: str, trie: TitleTrie, k: int, beam: int = 20) -> list[tuple[int, float]]:
-        """The exact k best titles of the trie as (title index, score), best first."""
+    def top_k(self, prompt: str, trie: TitleTrie, k: int, beam: int = 20,
+              exhaustive_below: int = 0) -> list[tuple[int, float]]:
+        """The exact k best titles of the trie as (title index, score), best first.
+
+        A catalogue smaller than `exhaustive_below` is scored title by title on the shared cache instead
+        (the same exact result; cheaper when the search would open most prefixes anyway).
+        """
+        if len(trie.titles) < exhaustive_below:
+            scores = self.score(prompt, trie.titles)
+            order = np.argsort(-scores, kind="stable")[:k]
+            return [(int(i), float(scores[i])) for i in order]
         cache, first = self._prompt(self.prompt_ids(prompt))
         counter = itertools.count()
         open_heap: list = []  # (-score, order, prefix, node)
