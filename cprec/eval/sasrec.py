@@ -1,0 +1,124 @@
+"""SASRec (Kang & McAuley, 2018) with a cross-entropy loss over all items: the ID-based baseline.
+
+Trained on the downstream training prefixes only (next item at every position), scored on the same test
+users as the language models: full ranking over the domain's whole catalogue, and the sampled protocol on
+the candidates `cprec evaluate` saved. Ties count against the target in both.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from cprec.eval.metrics import rank_against_ties, ranking_metrics
+
+
+@dataclass
+class SASRecConfig:
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 2
+    max_len: int = 50
+    dropout: float = 0.2
+    lr: float = 1e-3
+    epochs: int = 40
+    batch_size: int = 128
+    seed: int = 0
+
+
+class SASRec(nn.Module):
+    def __init__(self, n_items: int, cfg: SASRecConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.items = nn.Embedding(n_items + 1, cfg.hidden, padding_idx=0)  # item i is index i + 1
+        self.positions = nn.Embedding(cfg.max_len, cfg.hidden)
+        layer = nn.TransformerEncoderLayer(cfg.hidden, cfg.heads, 4 * cfg.hidden, cfg.dropout, batch_first=True,
+                                           norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(cfg.hidden)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, seq: torch.Tensor) -> torch.Tensor:
+        """seq: [B, L] item indices + 1, left-padded with 0 -> scores [B, L, n_items] for the next item."""
+        length = seq.shape[1]
+        h = self.items(seq) * self.cfg.hidden ** 0.5 + self.positions(torch.arange(length, device=seq.device))
+        causal = torch.triu(torch.full((length, length), float("-inf"), device=seq.device), diagonal=1)
+        h = self.encoder(self.drop(h), mask=causal)
+        h = self.norm(h)
+        return h @ self.items.weight[1:].T
+
+
+def _left_pad(seqs: list[list[int]], length: int) -> torch.Tensor:
+    out = torch.zeros(len(seqs), length, dtype=torch.long)
+    for r, s in enumerate(seqs):
+        s = s[-length:]
+        if s:
+            out[r, length - len(s):] = torch.tensor(s) + 1
+    return out
+
+
+def train_sasrec(sequences: list[list[int]], n_items: int, cfg: SASRecConfig) -> SASRec:
+    """Next-item cross-entropy at every position of every training sequence (item indices 0..n_items-1)."""
+    torch.manual_seed(cfg.seed)
+    model = SASRec(n_items, cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    data = [s[-(cfg.max_len + 1):] for s in sequences if len(s) >= 2]
+    inputs = _left_pad([s[:-1] for s in data], cfg.max_len)
+    targets = _left_pad([s[1:] for s in data], cfg.max_len) - 1  # -1 where padded
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model.train()
+    for _ in tqdm(range(cfg.epochs), desc="SASRec", unit=" epochs", leave=False):
+        order = torch.randperm(len(data), generator=gen)
+        for start in range(0, len(data), cfg.batch_size):
+            idx = order[start:start + cfg.batch_size]
+            logits = model(inputs[idx])
+            loss = nn.functional.cross_entropy(logits.reshape(-1, n_items), targets[idx].reshape(-1), ignore_index=-1)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def next_item_scores(model: SASRec, histories: list[list[int]]) -> np.ndarray:
+    """[users, n_items] scores of the next item after each history."""
+    seq = _left_pad(histories, model.cfg.max_len)
+    return model(seq)[:, -1].numpy()
+
+
+def evaluate_sasrec(prepared: str | Path, out: str | Path, eval_cfg, cfg: SASRecConfig,
+                    candidates: str | Path | None = None) -> dict:
+    """The SASRec baseline on the same test users (and saved candidates) as `cprec evaluate`."""
+    from cprec.eval.evaluate import Downstream, downstream_domains, read_jsonl, results_markdown, sampled_candidates
+
+    prepared, out = Path(prepared), Path(out)
+    manifest, domains = downstream_domains(prepared, eval_cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"model": "SASRec", "prepared": str(prepared), "protocol": eval_cfg.protocol,
+               "config": {**eval_cfg.__dict__, "sasrec": cfg.__dict__}, "domains": {}}
+    for domain in domains:
+        ds = Downstream(prepared, manifest, domain, eval_cfg, len)
+        train = read_jsonl(prepared / "downstream" / ds.slug / "train.jsonl")
+        started = time.perf_counter()
+        model = train_sasrec([[ds.index[t] for t in r["items"]] for r in train], len(ds.titles), cfg)
+        scores = next_item_scores(model, [[ds.index[t] for t in r["history"]] for r in ds.test])
+        entry = {"users": len(ds.test), "items": len(ds.titles), "train_seconds": time.perf_counter() - started}
+        targets = [ds.index[r["target"]] for r in ds.test]
+        if eval_cfg.protocol in ("full", "both"):
+            entry["full"] = ranking_metrics([rank_against_ties(s, t) for s, t in zip(scores, targets)])
+        if eval_cfg.protocol in ("sampled", "both"):
+            cands = sampled_candidates(ds, eval_cfg, out, Path(candidates) if candidates else None)
+            ranks = [rank_against_ties(s[[ds.index[c] for c in cs]], 0) for s, cs in zip(scores, cands)]
+            entry["sampled"] = {**ranking_metrics(ranks), "candidates": eval_cfg.negatives + 1,
+                                "mean_candidates": float(np.mean([len(c) for c in cands]))}
+        results["domains"][domain] = entry
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(results_markdown({"SASRec": results}))
+    return results
