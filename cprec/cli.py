@@ -129,15 +129,31 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _add_eval_args(p: argparse.ArgumentParser, overrides_help: str) -> None:
+    """What `evaluate` and `baseline` share: data, output, domains, protocol, users and candidates."""
+    p.add_argument("--data", required=True, help="a directory written by `cprec prepare`")
+    p.add_argument("--out", required=True, help="results directory")
+    p.add_argument("--domains", nargs="*", help="downstream domains (default: all)")
+    p.add_argument("--protocol", default="both", choices=["full", "sampled", "both"])
+    p.add_argument("--users", type=int, help="a seeded sample of this many test users per domain (default: all); "
+                   "the same seed gives every model the same users")
+    p.add_argument("--candidates", help="score on the candidates saved by an earlier run (DIR/candidates)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
+
+
+def _eval_overrides(args, overrides: list[str]) -> list[str]:
+    out = list(overrides) + [f"protocol={args.protocol}"]
+    if args.domains:
+        out.append(f"domains={json.dumps(args.domains)}")
+    if args.users is not None:
+        out.append(f"users={args.users}")
+    return out
+
+
 def cmd_evaluate(args) -> int:
     from cprec.eval.evaluate import EvalConfig, evaluate
 
-    overrides = list(args.overrides) + [f"protocol={args.protocol}"]
-    if args.domains:
-        overrides.append(f"domains={json.dumps(args.domains)}")
-    if args.users is not None:
-        overrides.append(f"users={args.users}")
-    cfg = load_config(EvalConfig, None, overrides)
+    cfg = load_config(EvalConfig, None, _eval_overrides(args, args.overrides))
     results = evaluate(args.model, args.data, args.out, cfg, args.candidates)
     print((Path(args.out) / "results.md").read_text())
     print(f"results in {args.out}/results.json and results.md ({len(results['domains'])} domains)")
@@ -149,12 +165,8 @@ def cmd_baseline(args) -> int:
     from cprec.eval.sasrec import SASRecConfig, evaluate_sasrec
 
     eval_keys = {f.name for f in __import__("dataclasses").fields(EvalConfig)}
-    eval_over = [o for o in args.overrides if o.split("=", 1)[0] in eval_keys] + [f"protocol={args.protocol}"]
+    eval_over = _eval_overrides(args, [o for o in args.overrides if o.split("=", 1)[0] in eval_keys])
     model_over = [o for o in args.overrides if o.split("=", 1)[0] not in eval_keys]
-    if args.domains:
-        eval_over.append(f"domains={json.dumps(args.domains)}")
-    if args.users is not None:
-        eval_over.append(f"users={args.users}")
     results = evaluate_sasrec(args.data, args.out, load_config(EvalConfig, None, eval_over),
                               load_config(SASRecConfig, None, model_over), args.candidates)
     print((Path(args.out) / "results.md").read_text())
@@ -301,25 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="next-item recommendation on the held-out downstream domains")
     p.add_argument("--model", required=True, help="a Hugging Face model folder (e.g. cprec export's), or smollm2")
-    p.add_argument("--data", required=True, help="a directory written by `cprec prepare`")
-    p.add_argument("--out", required=True, help="results directory")
-    p.add_argument("--domains", nargs="*", help="downstream domains (default: all)")
-    p.add_argument("--protocol", default="both", choices=["full", "sampled", "both"])
-    p.add_argument("--users", type=int, help="a seeded sample of this many test users per domain (default: all)")
-    p.add_argument("--candidates", help="score on the candidates saved by an earlier run (DIR/candidates)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. beam=10 negatives=99 seed=0")
+    _add_eval_args(p, "e.g. beam=10 negatives=99 seed=0")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("baseline", help="ID-based baselines on the same users and candidates")
     p.add_argument("kind", choices=["sasrec"])
-    p.add_argument("--data", required=True, help="a directory written by `cprec prepare`")
-    p.add_argument("--out", required=True, help="results directory")
-    p.add_argument("--domains", nargs="*", help="downstream domains (default: all)")
-    p.add_argument("--protocol", default="both", choices=["full", "sampled", "both"])
-    p.add_argument("--users", type=int, help="the same seeded sample of test users as `cprec evaluate --users`")
-    p.add_argument("--candidates", help="candidates saved by `cprec evaluate` (DIR/candidates)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="SASRec (hidden, layers, epochs, ...) and "
-                   "evaluation (seed, negatives) settings")
+    _add_eval_args(p, "SASRec (hidden, layers, epochs, ...) and evaluation (seed, negatives) settings")
     p.set_defaults(func=cmd_baseline)
 
     p = sub.add_parser("quickstart", help="the whole pipeline on MovieLens-1M with the embedded defaults")
