@@ -377,9 +377,10 @@ class Trainer:
                              f"start a new run or an anneal branch instead")
         self._load_engine(self.ckpt_root, tag)
         self.lineage = state["lineage"]
-        self.stream.load_state_dict(state["stream"]) if state["stream"]["phase"] == self.stream.state.phase else \
-            self.stream.load_state_dict(state["stream"], new_phase=state["stream"]["phase"],
-                                        new_mixture=state["stream"]["mixture"])
+        saved = state["stream"]
+        if saved["phase"] != self.stream.state.phase:  # saved inside a phase with its own mixture: enter it
+            self.stream.load_state_dict(saved, new_phase=saved["phase"], new_mixture=saved["mixture"])
+        self.stream.load_state_dict(saved)  # then restore its counters (a new phase would start at step 0)
         self.step = state["step"]
         if self.rank == 0:
             self._truncate_metrics(self.step)

@@ -103,6 +103,18 @@ def test_stop_and_resume_is_bit_exact(work, straight, cut):
     assert final.keys() == want.keys() and all(torch.equal(final[k], want[k]) for k in want)
 
 
+def test_resume_inside_a_phase_with_its_own_mixture_keeps_its_position(work):
+    """A cut in an anneal phase with its own mixture: the resumed run continues that phase's order."""
+    mix = "phase_mixtures={anneal: {mixed: 1.0}}"
+    torchrun(work, "own_mix_straight", mix)
+    torchrun(work, "own_mix_cut", mix, "max_steps=9")
+    torchrun(work, "own_mix_cut", mix, "--resume")
+    straight, resumed = metrics(work / "own_mix_straight"), metrics(work / "own_mix_cut")
+    assert list(straight[-1]["tokens_per_stream"]) == ["mixed"]  # the anneal phase reads its own mixture
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
+    assert [r["tokens_per_stream"] for r in resumed] == [r["tokens_per_stream"] for r in straight]
+
+
 def test_kill_during_a_save_resumes_from_the_previous_complete_checkpoint(work, straight):
     run = work / "killed"
     proc = torchrun(work, "killed", "checkpoint.every=3", env={KILL_IN_SAVE_ENV: ckpt.tag_for(6)}, check=False)
