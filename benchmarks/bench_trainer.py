@@ -52,13 +52,13 @@ def bare_tokens_per_s(shards: Path, steps: int) -> float:
 
     from cprec.data.collate import IGNORE_INDEX
     from cprec.data.shards import ShardSet
-    from cprec.data.stream import PackedStream
+    from cprec.data.stream import PackedStream, default_mixture
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
-    mixture = {n: float(s["rows"]) for n, s in ShardSet(shards).streams.items() if s["kind"] == "pretrain"}
-    stream = iter(PackedStream(shards, mixture, seed=0, global_batch=GLOBAL, phase="main"))
+    stream = iter(PackedStream(shards, default_mixture(ShardSet(shards).streams), seed=0, global_batch=GLOBAL,
+                               phase="main"))
     times, tokens = [], []
     for step in range(steps + 1):
         batch = next(stream)

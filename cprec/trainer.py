@@ -29,8 +29,10 @@ import yaml
 
 from cprec import checkpoint as ckpt
 from cprec import schedule as wsa
-from cprec.config import from_dict, load_config, parse_overrides, to_dict
+from cprec.config import load_config, parse_overrides, to_dict
 from cprec.errors import CPRecError
+from cprec.data.shards import ShardSet
+from cprec.data.stream import default_mixture
 from cprec.schedule import ScheduleConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -288,10 +290,7 @@ class Trainer:
             return dict(self.cfg.phase_mixtures[phase])
         if self.cfg.mixture:
             return dict(self.cfg.mixture)
-        from cprec.data.shards import ShardSet
-
-        streams = ShardSet(self.cfg.shards).streams
-        return {name: float(st["rows"]) for name, st in streams.items() if st["kind"] == "pretrain" and st["rows"]}
+        return default_mixture(ShardSet(self.cfg.shards).streams)
 
     def _data_phase(self, phase: str) -> str:
         """The stream's phase: a schedule phase with a mixture of its own starts a new order; others continue."""
@@ -639,6 +638,3 @@ def main(argv: list[str] | None = None) -> int:
         trainer.torch.distributed.destroy_process_group()
     return 0
 
-
-def load_train_config(data: dict) -> TrainConfig:
-    return from_dict(TrainConfig, data)

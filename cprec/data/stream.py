@@ -62,6 +62,11 @@ def normalize_mixture(weights: dict[str, float], available: list[str]) -> dict[s
     return {name: v // g for name, v in ints.items()}
 
 
+def default_mixture(streams: dict) -> dict[str, float]:
+    """The pre-training streams of a shard index, weighted by their rows (the corpus's own proportions)."""
+    return {name: float(st["rows"]) for name, st in streams.items() if st["kind"] == "pretrain" and st["rows"]}
+
+
 class Interleave:
     """Deterministic weighted interleave of streams with O(S log n) seeking to position n."""
 
