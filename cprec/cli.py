@@ -121,6 +121,22 @@ def cmd_train(args) -> int:
     return train_main(argv + list(args.overrides))
 
 
+def cmd_sft(args) -> int:
+    """Fine-tuning in this process on the packed downstream streams; the result is exported to OUT/hf."""
+    from cprec.finetune import finetune, sft_config
+
+    cfg = sft_config(args.model, args.shards, args.out, args.overrides, args.domains, args.epochs, args.config)
+    print(f"fine-tuning {args.model} on {', '.join(cfg.mixture) or 'every sft stream'}: "
+          f"{cfg.schedule.total_steps} steps of {cfg.global_batch} rows", flush=True)
+    last, hf = finetune(cfg, resume=args.resume)
+    if hf is None:
+        print(f"stopped at step {last.get('step', 0)}; continue with `cprec sft ... --resume`")
+        return 0
+    print(f"step {last['step']}: loss {last['loss']:.4f}; exported -> {hf} (evaluate with `cprec evaluate "
+          f"--model {hf} --data PREPARED_DIR --out DIR`)")
+    return 0
+
+
 def cmd_export(args) -> int:
     from cprec.export import export
 
@@ -304,6 +320,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixture", nargs="*", default=[], metavar="stream=weight", help="the branch's own mixture")
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sft", help="fine-tune on the packed downstream streams (loss on the target item only)")
+    p.add_argument("--model", default="smollm2", help="a Hugging Face folder (a `cprec export` of a pre-training "
+                   "run: the CPRec recipe) or smollm2 (the base model: the fine-tuning-only ablation)")
+    p.add_argument("--shards", required=True, help="a `cprec pack` output (holds the sft-* streams)")
+    p.add_argument("--out", required=True, help="run directory; the final model is exported to OUT/hf")
+    p.add_argument("--domains", nargs="*", help="downstream domains to fine-tune on (default: all)")
+    p.add_argument("--epochs", type=float, help="size the schedule to this many passes over the chosen streams")
+    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    p.add_argument("--config", help="training config (default: launch/configs/sft.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. schedule.peak_lr=1e-4 global_batch=16")
+    p.set_defaults(func=cmd_sft)
 
     p = sub.add_parser("export", help="a checkpoint -> a Hugging Face folder")
     p.add_argument("checkpoint", help="RUN/checkpoints/stepNNNNNNNN")

@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 KILL_IN_SAVE_ENV = "CPREC_TEST_KILL_IN_SAVE"  # test hook: "stepNNNNNNNN" kills the job during that save
 DS_CONFIGS = REPO / "ds_configs"
 # dense bf16 peak FLOP/s per GPU, for MFU; unknown devices report no MFU
+TASKS = ("pretrain", "sft")  # which kind of packed stream the default mixture takes
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
 
@@ -71,13 +72,14 @@ class CheckpointConfig:
 class TrainConfig:
     run_dir: str = "runs/train"
     shards: str = ""
+    task: str = "pretrain"  # pretrain: continual pre-training; sft: fine-tuning (default mixture: the sft streams)
     model: ModelConfig = field(default_factory=ModelConfig)
     deepspeed: str = "auto"  # a DeepSpeed JSON; auto: zero3_bf16.json on GPUs, zero3_fp32_cpu.json on CPUs
     global_batch: int = 8  # rows of seq_len tokens per optimizer step, fixed for the run
     micro_batch: int = 1  # rows per forward pass and rank
     grad_accum: int | None = None  # default: global_batch / (world size * micro_batch)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    mixture: dict[str, float] = field(default_factory=dict)  # default: pre-training streams by their rows
+    mixture: dict[str, float] = field(default_factory=dict)  # default: the streams of the task's kind by their rows
     phase_mixtures: dict[str, dict[str, float]] = field(default_factory=dict)  # e.g. {anneal: {mixed: 1}}
     seed: int = 0
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -91,6 +93,8 @@ class TrainConfig:
     def validate(self) -> None:
         if not self.shards:
             raise CPRecError("set shards: a directory written by `cprec pack`")
+        if self.task not in TASKS:
+            raise CPRecError(f"task must be one of {', '.join(TASKS)}, got '{self.task}'")
         if self.model.name is None and self.model.config is None:
             raise CPRecError("set model.name (a folder or smollm2) or model.config")
         unknown = set(self.phase_mixtures) - set(wsa.PHASES)
@@ -290,7 +294,7 @@ class Trainer:
             return dict(self.cfg.phase_mixtures[phase])
         if self.cfg.mixture:
             return dict(self.cfg.mixture)
-        return default_mixture(ShardSet(self.cfg.shards).streams)
+        return default_mixture(ShardSet(self.cfg.shards).streams, self.cfg.task)
 
     def _data_phase(self, phase: str) -> str:
         """The stream's phase: a schedule phase with a mixture of its own starts a new order; others continue."""

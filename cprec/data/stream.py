@@ -62,9 +62,13 @@ def normalize_mixture(weights: dict[str, float], available: list[str]) -> dict[s
     return {name: v // g for name, v in ints.items()}
 
 
-def default_mixture(streams: dict) -> dict[str, float]:
-    """The pre-training streams of a shard index, weighted by their rows (the corpus's own proportions)."""
-    return {name: float(st["rows"]) for name, st in streams.items() if st["kind"] == "pretrain" and st["rows"]}
+def default_mixture(streams: dict, kind: str = "pretrain") -> dict[str, float]:
+    """The streams of one kind (pretrain or sft) of a shard index, weighted by their rows (the corpus's own
+    proportions)."""
+    mixture = {name: float(st["rows"]) for name, st in streams.items() if st["kind"] == kind and st["rows"]}
+    if not mixture:
+        raise CPRecError(f"the shards hold no {kind} stream with rows (streams: {', '.join(streams) or 'none'})")
+    return mixture
 
 
 class Interleave:
