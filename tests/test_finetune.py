@@ -108,3 +108,30 @@ def test_continual_pretraining_then_sft_beats_sft_only(shards, base_model, prepa
     assert recipe["users"] == ablation["users"] >= 150
     print(f"HR@10 on {HELD_OUT}: CPT + SFT {recipe['full']['HR@10']:.3f}, SFT only {ablation['full']['HR@10']:.3f}")
     assert recipe["full"]["HR@10"] >= ablation["full"]["HR@10"] + MARGIN
+
+
+def test_every_shipped_config_loads_and_validates():
+    """launch/configs/*.yaml are typed configs: a typo there must fail here, not on a cluster."""
+    from pathlib import Path
+
+    from cprec.config import load_config
+    from cprec.data.prepare import MIXED_STREAM, MOVIELENS_PRETRAIN, PrepareConfig, stream_name
+    from cprec.trainer import TrainConfig, build_ds_config
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "launch" / "configs").glob("*.yaml"))
+    assert len(configs) >= 5
+    pretrain = {"ml1m": MOVIELENS_PRETRAIN}  # each recipe's pre-training domains, by file-name prefix
+    for path in configs:
+        if path.name.endswith("_prepare.yaml"):
+            pretrain[path.name.split("_")[0]] = load_config(PrepareConfig, path, []).pretrain_domains
+    for path in configs:
+        if path.name.endswith("_prepare.yaml"):
+            continue
+        cfg = load_config(TrainConfig, path, ["shards=unused"])
+        named = set(cfg.mixture).union(*cfg.phase_mixtures.values())
+        streams = {stream_name(d) for d in pretrain.get(path.name.split("_")[0], [])} | {MIXED_STREAM}
+        assert named <= streams, f"{path.name}: mixture names {sorted(named - streams)}, not streams of its data"
+        cuda = cfg.deepspeed != "auto"  # the GPU recipes name a bf16 DeepSpeed config
+        world = cfg.global_batch // cfg.micro_batch if cuda else 1  # accumulation 1 on the GPU recipes
+        ds = build_ds_config(cfg, world, cuda)
+        assert ds["train_batch_size"] == cfg.global_batch
