@@ -129,6 +129,7 @@ def cmd_sft(args) -> int:
     print(f"fine-tuning {args.model} on {', '.join(cfg.mixture) or 'every sft stream'}: "
           f"{cfg.schedule.total_steps} steps of {cfg.global_batch} rows", flush=True)
     last, hf = finetune(cfg, resume=args.resume)
+    __import__("torch").distributed.destroy_process_group()
     if hf is None:
         print(f"stopped at step {last.get('step', 0)}; continue with `cprec sft ... --resume`")
         return 0
@@ -226,7 +227,6 @@ def cmd_quickstart(args) -> int:
     timings["train"] += time.perf_counter() - started
     tag = (out / "run" / "checkpoints" / "latest").read_text().strip()
     hf = stage("export", lambda: export(out / "run" / "checkpoints" / tag, out / "hf"))
-    trainer.torch.distributed.destroy_process_group()
     print(f"\ntrained {last['step']} steps of {cfg.global_batch} rows x {args.seq_len} tokens, final loss "
           f"{last['loss']:.3f}; exported {tag} -> {hf}")
 
@@ -241,11 +241,39 @@ def cmd_quickstart(args) -> int:
             "SASRec (trained on the downstream training prefixes)":
             stage("sasrec", lambda: evaluate_sasrec(out / "prepared", out / "eval" / "sasrec", eval_cfg,
                                                     SASRecConfig(epochs=20)))}
+    if args.sft_steps:
+        runs.update(quickstart_sft(out, hf, eval_cfg, args, stage))
+    trainer.torch.distributed.destroy_process_group()
     report = write_quickstart_report(out, runs, timings, prepared, index, cfg, last, args)
     print("\n" + report.read_text())
     print(f"report: {report}; outputs in {out}: prepared/, shards/, run/ (metrics.jsonl, plots/, checkpoints/), "
           f"hf/ (AutoModelForCausalLM.from_pretrained loads it), eval/")
     return 0
+
+
+def quickstart_sft(out: Path, cpt_hf: Path, eval_cfg, args, stage) -> dict:
+    """The fine-tuning comparisons: the same short SFT from the base model and from the pre-trained one."""
+    import shutil
+
+    from cprec.eval.evaluate import evaluate
+    from cprec.finetune import finetune, sft_config
+
+    steps = args.sft_steps
+    schedule = [f"schedule.warmup_steps={min(1, steps - 1)}", f"schedule.anneal_steps={max(1, steps // 4)}",
+                f"schedule.stable_steps={steps - min(1, steps - 1) - max(1, steps // 4)}", "global_batch=4"]
+    runs = {}
+    for name, model, label in (("sft_only", "smollm2", "SmolLM2-135M, fine-tuning only"),
+                               ("cpt_sft", str(cpt_hf), "CPRec: continual pre-training, then fine-tuning")):
+        shutil.rmtree(out / name, ignore_errors=True)
+        cfg = sft_config(model, out / "shards", out / name, schedule)
+        _, hf = stage(f"sft {name}", lambda: finetune(cfg))
+        runs[f"{label} ({steps} SFT steps)"] = stage(f"evaluate {name}", lambda: evaluate(
+            str(hf), out / "prepared", out / "eval" / name, eval_cfg))
+    return runs
+
+
+def sft_rows(index: dict) -> int:
+    return sum(st["rows"] for st in index["streams"].values() if st["kind"] == "sft")
 
 
 def write_quickstart_report(out: Path, runs: dict, timings: dict, manifest: dict, index: dict, cfg, last: dict,
@@ -271,6 +299,10 @@ def write_quickstart_report(out: Path, runs: dict, timings: dict, manifest: dict
         f"(~{tokens:,} real tokens per step), peak lr {cfg.schedule.peak_lr}; final loss {last['loss']:.3f}. "
         "This is a demonstration budget for a 2-core CPU: a tiny fraction of one epoch.", "",
         "![learning rate](run/plots/lr.png)", "", "![loss per stream](run/plots/loss.png)", "",
+        *(["## Fine-tuning", "", f"{args.sft_steps} steps of 4 examples from the downstream domains' fine-tuning "
+           f"streams (loss on the target item only), once from the base model and once from the continually "
+           f"pre-trained one: a demonstration budget, a few dozen of the {sft_rows(index):,} packed examples.", ""]
+          if args.sft_steps else []),
         "## Next-item recommendation on the held-out domains", "",
         f"Full ranking over each domain's catalogue (exact top-20, summed log-probability of title + end "
         f"marker), leave-one-out test item, a seeded sample of {args.eval_users} test users per domain "
@@ -355,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="pack workers (default: all cores)")
     p.add_argument("--eval-users", dest="eval_users", type=int, default=10,
                    help="test users per downstream domain to evaluate (default 10: minutes on a CPU)")
+    p.add_argument("--sft-steps", dest="sft_steps", type=int, default=0,
+                   help="also fine-tune the base and the pre-trained model for this many steps of 4 examples "
+                   "and evaluate both (default 0: skip; each step costs ~30 s per model on a 2-core CPU)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="training overrides on launch/configs/quickstart.yaml, e.g. schedule.stable_steps=4")
     p.set_defaults(func=cmd_quickstart)

@@ -71,7 +71,8 @@ def sft_config(model: str, shards: str | Path, run_dir: str | Path, overrides: l
 
 
 def finetune(cfg: TrainConfig, resume: bool = False) -> tuple[dict, Path | None]:
-    """Train in this process; export the final checkpoint to RUN/hf (None when stopped early by a signal)."""
+    """Train in this process; export the final checkpoint to RUN/hf (None when stopped early by a signal).
+    The caller ends the process group when it has no more training to do."""
     from cprec.export import export
 
     trainer = Trainer(cfg, resume=resume)
@@ -81,6 +82,5 @@ def finetune(cfg: TrainConfig, resume: bool = False) -> tuple[dict, Path | None]
         run = Path(cfg.run_dir)
         tag = ckpt.latest_complete(run / "checkpoints")
         hf = export(run / "checkpoints" / tag, run / "hf")
-    trainer.torch.distributed.barrier()
-    trainer.torch.distributed.destroy_process_group()
-    return last, hf
+    trainer.torch.distributed.barrier()  # the process group stays up: DeepSpeed caches its groups, so a
+    return last, hf                      # later trainer in this process (the quickstart's) must reuse it
