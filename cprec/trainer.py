@@ -164,8 +164,11 @@ def build_ds_config(cfg: TrainConfig, world: int, cuda: bool) -> dict:
               gradient_accumulation_steps=accum, gradient_clipping=cfg.optim.grad_clip)
     if world == 1 and ds.get("zero_optimization", {}).get("stage") == 3:
         # one rank has nothing to partition: keeping every parameter resident skips ZeRO-3's per-layer
-        # gather/release (a 40% slowdown on a CPU) while the checkpoints keep the ZeRO-3 format
+        # gather/release (a 40% slowdown on a CPU) while the checkpoints keep the ZeRO-3 format; and
+        # averaging in place on the contiguous gradient bucket skips reduce-scatter's flatten-and-copy of every
+        # micro-batch's gradients (the same numbers on one rank)
         ds["zero_optimization"].setdefault("stage3_param_persistence_threshold", 10**12)
+        ds["zero_optimization"].setdefault("reduce_scatter", False)
     ds["optimizer"] = {"type": "AdamW", "params": {
         "lr": cfg.schedule.peak_lr, "betas": [cfg.optim.beta1, cfg.optim.beta2], "eps": cfg.optim.eps,
         "weight_decay": cfg.optim.weight_decay, "torch_adam": cfg.optim.torch_adam, "adam_w_mode": True}}
@@ -423,6 +426,9 @@ class Trainer:
         from cprec.data.collate import IGNORE_INDEX
 
         labels = batch["labels"][:, 1:]
+        # position t predicts token t + 1: shift the labels, not the logits, so that the (rows x seq x vocab)
+        # logits are never copied into a sliced contiguous tensor
+        targets = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)
         n_streams = len(self.stream.stream_names)
         local = torch.zeros(2 + 2 * n_streams, dtype=torch.float64)
         labelled = (labels != IGNORE_INDEX)
@@ -436,9 +442,9 @@ class Trainer:
             sl = slice(m * micro, (m + 1) * micro)
             ids = batch["input_ids"][sl].to(self.device)
             pos = batch["position_ids"][sl].to(self.device)
-            lab = batch["labels"][sl, 1:].to(self.device)
-            logits = self.engine(input_ids=ids, position_ids=pos, use_cache=False).logits[:, :-1]
-            token_loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+            lab = targets[sl].to(self.device)
+            logits = self.engine(input_ids=ids, position_ids=pos, use_cache=False).logits
+            token_loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]),
                                                            lab.reshape(-1), ignore_index=IGNORE_INDEX,
                                                            reduction="none").view(lab.shape)
             loss_sum = token_loss.sum()
