@@ -9,6 +9,7 @@
     ... --anneal-from RUN/checkpoints/stepNNNNNNNN --anneal-steps N [--mixture mixed=1] run_dir=NEW_RUN
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -20,7 +21,13 @@ from cprec.trainer import main  # noqa: E402
 
 if __name__ == "__main__":
     try:
-        sys.exit(main())
+        code = main()
     except (CPRecError, ConfigError) as exc:
         print(f"launch/train.py: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
+    # Every file is closed and the process group is destroyed by now. Skip the interpreter's teardown: there,
+    # the destructors of communication threads once aborted a rank that had finished cleanly ("terminate called
+    # without an active exception", exit -6 under the deepspeed launcher), failing a completed job.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
