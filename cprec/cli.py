@@ -193,6 +193,7 @@ def cmd_baseline(args) -> int:
 
 def cmd_quickstart(args) -> int:
     """The README's main job: every stage, on MovieLens-1M with the embedded defaults."""
+    import gc
     import shutil
 
     from cprec.data.pack import PackConfig, pack
@@ -227,6 +228,9 @@ def cmd_quickstart(args) -> int:
     timings["train"] += time.perf_counter() - started
     tag = (out / "run" / "checkpoints" / "latest").read_text().strip()
     hf = stage("export", lambda: export(out / "run" / "checkpoints" / tag, out / "hf"))
+    torch = trainer.torch
+    del trainer  # free the engine (weights, gradients, optimizer moments) before evaluation and fine-tuning
+    gc.collect()
     print(f"\ntrained {last['step']} steps of {cfg.global_batch} rows x {args.seq_len} tokens, final loss "
           f"{last['loss']:.3f}; exported {tag} -> {hf}")
 
@@ -243,7 +247,7 @@ def cmd_quickstart(args) -> int:
                                                     SASRecConfig(epochs=20)))}
     if args.sft_steps:
         runs.update(quickstart_sft(out, hf, eval_cfg, args, stage))
-    trainer.torch.distributed.destroy_process_group()
+    torch.distributed.destroy_process_group()
     report = write_quickstart_report(out, runs, timings, prepared, index, cfg, last, args)
     print("\n" + report.read_text())
     print(f"report: {report}; outputs in {out}: prepared/, shards/, run/ (metrics.jsonl, plots/, checkpoints/), "
