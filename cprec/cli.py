@@ -193,7 +193,6 @@ def cmd_baseline(args) -> int:
 
 def cmd_quickstart(args) -> int:
     """The README's main job: every stage, on MovieLens-1M with the embedded defaults."""
-    import gc
     import shutil
 
     from cprec.data.pack import PackConfig, pack
@@ -228,9 +227,6 @@ def cmd_quickstart(args) -> int:
     timings["train"] += time.perf_counter() - started
     tag = (out / "run" / "checkpoints" / "latest").read_text().strip()
     hf = stage("export", lambda: export(out / "run" / "checkpoints" / tag, out / "hf"))
-    torch = trainer.torch
-    del trainer  # free the engine (weights, gradients, optimizer moments) before evaluation and fine-tuning
-    gc.collect()
     print(f"\ntrained {last['step']} steps of {cfg.global_batch} rows x {args.seq_len} tokens, final loss "
           f"{last['loss']:.3f}; exported {tag} -> {hf}")
 
@@ -247,7 +243,7 @@ def cmd_quickstart(args) -> int:
                                                     SASRecConfig(epochs=20)))}
     if args.sft_steps:
         runs.update(quickstart_sft(out, hf, eval_cfg, args, stage))
-    torch.distributed.destroy_process_group()
+    trainer.torch.distributed.destroy_process_group()
     report = write_quickstart_report(out, runs, timings, prepared, index, cfg, last, args)
     print("\n" + report.read_text())
     print(f"report: {report}; outputs in {out}: prepared/, shards/, run/ (metrics.jsonl, plots/, checkpoints/), "
@@ -256,23 +252,29 @@ def cmd_quickstart(args) -> int:
 
 
 def quickstart_sft(out: Path, cpt_hf: Path, eval_cfg, args, stage) -> dict:
-    """The fine-tuning comparisons: the same short SFT from the base model and from the pre-trained one."""
+    """The fine-tuning comparisons: the same short SFT from the base model and from the pre-trained one.
+    Each runs as `cprec sft` in a child process, so its DeepSpeed engine's memory (which DeepSpeed's own
+    references keep alive in a process) is returned before the next stage."""
     import shutil
+    import subprocess
 
     from cprec.eval.evaluate import evaluate
-    from cprec.finetune import finetune, sft_config
 
     steps = args.sft_steps
-    schedule = [f"schedule.warmup_steps={min(1, steps - 1)}", f"schedule.anneal_steps={max(1, steps // 4)}",
-                f"schedule.stable_steps={steps - min(1, steps - 1) - max(1, steps // 4)}", "global_batch=4"]
+    warmup, anneal = min(1, steps - 1), max(1, steps // 4)
+    schedule = [f"schedule.warmup_steps={warmup}", f"schedule.anneal_steps={anneal}",
+                f"schedule.stable_steps={steps - warmup - anneal}", "global_batch=4"]
     runs = {}
     for name, model, label in (("sft_only", "smollm2", "SmolLM2-135M, fine-tuning only"),
                                ("cpt_sft", str(cpt_hf), "CPRec: continual pre-training, then fine-tuning")):
         shutil.rmtree(out / name, ignore_errors=True)
-        cfg = sft_config(model, out / "shards", out / name, schedule)
-        _, hf = stage(f"sft {name}", lambda: finetune(cfg))
+        cmd = [sys.executable, "-m", "cprec.cli", "sft", *schedule, "--model", model, "--shards",
+               str(out / "shards"), "--out", str(out / name)]
+        env = {**os.environ, "MASTER_PORT": str(29512 + len(runs))}  # this process still holds 29511
+        if stage(f"sft {name}", lambda: subprocess.run(cmd, env=env).returncode):
+            raise CPRecError(f"fine-tuning failed: {' '.join(cmd)}")
         runs[f"{label} ({steps} SFT steps)"] = stage(f"evaluate {name}", lambda: evaluate(
-            str(hf), out / "prepared", out / "eval" / name, eval_cfg))
+            str(out / name / "hf"), out / "prepared", out / "eval" / name, eval_cfg))
     return runs
 
 

@@ -14,7 +14,6 @@ then `cprec export`. `cprec sft` is the one-process case, and exports the final 
 
 from __future__ import annotations
 
-import gc
 import math
 from pathlib import Path
 
@@ -83,8 +82,5 @@ def finetune(cfg: TrainConfig, resume: bool = False) -> tuple[dict, Path | None]
         run = Path(cfg.run_dir)
         tag = ckpt.latest_complete(run / "checkpoints")
         hf = export(run / "checkpoints" / tag, run / "hf")
-    torch = trainer.torch
-    del trainer  # free the engine now: a later trainer or evaluation in this process needs the memory
-    gc.collect()
-    torch.distributed.barrier()  # the process group stays up: DeepSpeed caches its groups, so a later
-    return last, hf              # trainer in this process (the quickstart's) must reuse it
+    trainer.torch.distributed.barrier()  # the caller ends the process group: DeepSpeed caches its groups,
+    return last, hf                      # so another engine in this process must reuse it, not a new one
