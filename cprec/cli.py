@@ -133,7 +133,8 @@ def cmd_sft(args) -> int:
     if hf is None:
         print(f"stopped at step {last.get('step', 0)}; continue with `cprec sft ... --resume`")
         return 0
-    print(f"step {last['step']}: loss {last['loss']:.4f}; exported -> {hf} (evaluate with `cprec evaluate "
+    loss = f"loss {last['loss']:.4f}; " if last else "already complete; "  # a --resume of a finished run
+    print(f"step {cfg.schedule.total_steps}: {loss}exported -> {hf} (evaluate with `cprec evaluate "
           f"--model {hf} --data PREPARED_DIR --out DIR`)")
     return 0
 
@@ -395,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test users per downstream domain to evaluate (default 10: minutes on a CPU)")
     p.add_argument("--sft-steps", dest="sft_steps", type=int, default=0,
                    help="also fine-tune the base and the pre-trained model for this many steps of 4 examples "
-                   "and evaluate both (default 0: skip; each step costs ~30 s per model on a 2-core CPU)")
+                   "and evaluate both (default 0: skip; each step costs ~25 s per model on a 2-core CPU)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="training overrides on launch/configs/quickstart.yaml, e.g. schedule.stable_steps=4")
     p.set_defaults(func=cmd_quickstart)

@@ -59,7 +59,8 @@ def size_schedule_to_epochs(cfg: TrainConfig, epochs: float) -> None:
 def sft_config(model: str, shards: str | Path, run_dir: str | Path, overrides: list[str] = (),
                domains: list[str] | None = None, epochs: float | None = None,
                config: str | Path | None = None) -> TrainConfig:
-    cfg = load_config(TrainConfig, config or SFT_CONFIG,
+    config = config or SFT_CONFIG
+    cfg = load_config(TrainConfig, config,
                       [f"model.name={model}", f"shards={shards}", f"run_dir={run_dir}", *overrides])
     if cfg.task != "sft":
         raise CPRecError(f"{config}: a fine-tuning config needs task: sft (it has task: {cfg.task})")

@@ -38,8 +38,8 @@ from cprec.schedule import ScheduleConfig
 REPO = Path(__file__).resolve().parents[1]
 KILL_IN_SAVE_ENV = "CPREC_TEST_KILL_IN_SAVE"  # test hook: "stepNNNNNNNN" kills the job during that save
 DS_CONFIGS = REPO / "ds_configs"
-# dense bf16 peak FLOP/s per GPU, for MFU; unknown devices report no MFU
 TASKS = ("pretrain", "sft")  # which kind of packed stream the default mixture takes
+# dense bf16 peak FLOP/s per GPU, for MFU; unknown devices report no MFU
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
 
