@@ -26,6 +26,7 @@ from tqdm import tqdm
 from cprec import __version__
 from cprec.backbone import load_tokenizer, resolve_tokenizer, tokenizer_identity
 from cprec.data import shards
+from cprec.data.prepare import read_manifest
 from cprec.errors import CPRecError
 
 PACKER_VERSION = 1  # bump when the packing of the same documents changes, so old shards are not reused
@@ -51,19 +52,14 @@ class PackConfig:
 
 def prepared_streams(input_dir: Path) -> tuple[dict, list[tuple[str, Path, str]]]:
     """The prepared manifest and its streams: (name, documents file, kind) with kind pretrain or sft."""
-    path = input_dir / "manifest.json"
-    if not path.is_file():
-        raise CPRecError(f"{path}: missing; --input must be a directory written by `cprec prepare`")
-    manifest = json.loads(path.read_text(encoding="utf-8"))
-    if manifest.get("stage") != "prepare":
-        raise CPRecError(f"{path}: not a prepare manifest (stage={manifest.get('stage')!r})")
+    manifest = read_manifest(input_dir)
     streams = [(name, input_dir / "documents" / f"{name}.jsonl", "pretrain") for name in manifest["streams"]]
     for domain in manifest["domains"]["downstream"]:
         slug = manifest["domains"]["streams"][domain]
         streams.append((f"sft-{slug}", input_dir / "downstream" / slug / "sft.jsonl", "sft"))
     for name, file, _ in streams:
         if not file.is_file():
-            raise CPRecError(f"{file}: missing (stream '{name}' is listed in {path})")
+            raise CPRecError(f"{file}: missing (stream '{name}' is listed in {input_dir / 'manifest.json'})")
     return manifest, streams
 
 

@@ -131,6 +131,17 @@ class Budget:
         return {"unit": self.unit, "size": self.size, "tokenizer": self.identity}
 
 
+def read_manifest(prepared: Path) -> dict:
+    """The manifest of a directory written by `prepare`; an error naming the file otherwise."""
+    path = Path(prepared) / "manifest.json"
+    if not path.is_file():
+        raise CPRecError(f"{path}: missing; expected a directory written by `cprec prepare`")
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    if manifest.get("stage") != "prepare":
+        raise CPRecError(f"{path}: not a prepare manifest (stage={manifest.get('stage')!r})")
+    return manifest
+
+
 def stream_name(domain: str) -> str:
     """A file-system-safe stream name for a domain ("Children's" -> "children-s")."""
     return re.sub(r"[^a-z0-9]+", "-", domain.lower()).strip("-") or "domain"

@@ -24,6 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cprec.data import template
+from cprec.data.prepare import read_manifest
 from cprec.data.stream import _key
 from cprec.errors import CPRecError
 from cprec.eval.metrics import HR_KS, NDCG_KS, rank_against_ties, ranking_metrics
@@ -115,10 +116,7 @@ def sampled_candidates(ds: Downstream, cfg: EvalConfig, out: Path, reuse: Path |
 
 
 def downstream_domains(prepared: Path, cfg: EvalConfig) -> tuple[dict, list[str]]:
-    manifest = json.loads((prepared / "manifest.json").read_text()) if (prepared / "manifest.json").is_file() \
-        else None
-    if manifest is None or manifest.get("stage") != "prepare":
-        raise CPRecError(f"{prepared}: not a directory written by `cprec prepare`")
+    manifest = read_manifest(prepared)
     domains = cfg.domains or manifest["domains"]["downstream"]
     unknown = [d for d in domains if d not in manifest["domains"]["downstream"]]
     if unknown:
