@@ -21,6 +21,7 @@ from cprec import checkpoint as ckpt
 from cprec.config import load_config
 from cprec.data.prepare import stream_name
 from cprec.data.shards import ShardSet
+from cprec.data.stream import default_mixture
 from cprec.errors import CPRecError
 from cprec.trainer import REPO, TrainConfig, Trainer
 
@@ -47,7 +48,7 @@ def size_schedule_to_epochs(cfg: TrainConfig, epochs: float) -> None:
     if epochs <= 0:
         raise CPRecError(f"--epochs must be > 0, got {epochs}")
     streams = ShardSet(cfg.shards).streams
-    mixture = cfg.mixture or {n: 1.0 for n, st in streams.items() if st["kind"] == cfg.task}
+    mixture = cfg.mixture or default_mixture(streams, cfg.task)
     rows = sum(streams[name]["rows"] for name, weight in mixture.items() if weight > 0 and name in streams)
     total = max(1, math.ceil(epochs * rows / cfg.global_batch))
     s = cfg.schedule
