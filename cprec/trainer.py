@@ -47,7 +47,7 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A
 class ModelConfig:
     name: str | None = "smollm2"  # a Hugging Face folder, or smollm2 (the packaged SmolLM2-135M)
     config: dict | None = None  # instead of name: build a random model from this config (tests)
-    attn: str = "auto"  # auto: flash_attention_2 on GPUs when installed, else sdpa
+    attn: str = "auto"  # see cprec.attention: flash_attention_2, else torch_varlen on GPUs; sdpa on CPUs
     gradient_checkpointing: bool = False
 
 
@@ -188,30 +188,18 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _attn_implementation(choice: str, cuda: bool) -> str:
-    if choice != "auto":
-        return choice
-    if cuda:
-        try:
-            import flash_attn  # noqa: F401
-
-            return "flash_attention_2"
-        except ImportError:
-            pass
-    return "sdpa"
-
-
 def build_model(cfg: TrainConfig, ds_config: dict, cuda: bool, rank: int):
     """The model under ZeRO-3, built the Hugging Face way (weights initialised, then partitioned)."""
     import torch
     import transformers
     from transformers.integrations import HfDeepSpeedConfig
 
+    from cprec import attention
     from cprec.backbone import smollm2_folder
 
     transformers.logging.set_verbosity_error()
     dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
-    attn = _attn_implementation(cfg.model.attn, cuda)
+    attn = attention.choose(cfg.model.attn, cuda)
     keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841  (zero.Init while it lives)
     torch.manual_seed(cfg.seed)
     if cfg.model.config is not None:

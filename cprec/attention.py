@@ -1,0 +1,125 @@
+"""Which attention kernel the trainer uses, and `torch_varlen`: packed rows on PyTorch's own FlashAttention.
+
+Packed rows hold several documents; attention must stay inside each. flash-attn's varlen kernels do that
+from the per-document position ids, but flash-attn has no wheels on PyPI and takes hours to build. PyTorch
+(2.10 and later) ships the same FlashAttention-2 varlen kernel as `torch.nn.attention.varlen.varlen_attn`,
+so `torch_varlen` registers it with transformers as one more attention implementation: documents are cut at
+every position id 0 (`cprec.data.collate` restarts them per document, padding included), the rows of the
+batch flattened into one varlen call. Without it, SDPA attends through a block-diagonal mask (a dense
+seq_len x seq_len mask per row and the memory-efficient kernel instead of flash).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from cprec.errors import CPRecError
+
+TORCH_VARLEN = "torch_varlen"
+CHOICES = ("auto", "flash_attention_2", TORCH_VARLEN, "sdpa", "eager")
+
+
+def _varlen_attn():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def torch_varlen_available() -> bool:
+    return _varlen_attn() is not None and torch.cuda.is_available()
+
+
+def choose(choice: str, cuda: bool) -> str:
+    """The implementation for `model.attn`: auto prefers flash-attn, then torch_varlen, on GPUs; SDPA on CPUs."""
+    if choice not in CHOICES:
+        raise CPRecError(f"model.attn={choice!r}: expected one of {', '.join(CHOICES)}")
+    if choice == TORCH_VARLEN and not torch_varlen_available():
+        raise CPRecError(f"model.attn={TORCH_VARLEN} needs CUDA and torch>=2.10 (torch.nn.attention.varlen); "
+                         f"this is torch {torch.__version__}, CUDA {'on' if torch.cuda.is_available() else 'off'}")
+    if choice != "auto":
+        if choice == TORCH_VARLEN:
+            register_torch_varlen()
+        return choice
+    if cuda:
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+        if torch_varlen_available():
+            register_torch_varlen()
+            return TORCH_VARLEN
+    return "sdpa"
+
+
+def document_boundaries(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """cu_seqlens (int32) and the longest document of the flattened batch: a document starts at position 0."""
+    flat = position_ids.reshape(-1)
+    starts = torch.nonzero(flat == 0).flatten()
+    if starts.numel() == 0 or starts[0].item() != 0:
+        raise CPRecError("torch_varlen attention: every row must start a document (position id 0 first)")
+    cu_seqlens = torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
+    return cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
+
+
+# One forward pass calls the attention of every layer with the same position_ids tensor: derive the
+# boundaries once (it syncs with the GPU) and reuse them until another tensor comes.
+_last_boundaries: list = [None, None]
+
+
+def _boundaries_cached(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    if _last_boundaries[0] is not position_ids:
+        _last_boundaries[:] = [position_ids, document_boundaries(position_ids)]
+    return _last_boundaries[1]
+
+
+def _call_varlen(q, k, v, cu_seqlens, max_len, scale):
+    """varlen_attn, causal, across the signatures of torch 2.10-2.13 (is_causal became window_size; GQA came later)."""
+    varlen_attn = _varlen_attn()
+    params = inspect.signature(varlen_attn).parameters
+    kwargs = {}
+    if "window_size" in params:
+        kwargs["window_size"] = (-1, 0)  # (-1, 0) is causal
+    else:
+        kwargs["is_causal"] = True
+    if "scale" in params:
+        kwargs["scale"] = scale
+    elif abs(scale - q.shape[-1] ** -0.5) > 1e-9:
+        raise CPRecError(f"torch_varlen attention: this torch's varlen_attn takes no scale (model uses {scale})")
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **kwargs)
+
+
+def torch_varlen_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                         position_ids=None, **kwargs):
+    """transformers' attention interface: query [b, heads, s, d] in, output [b, s, heads, d] out."""
+    if attention_mask is not None or position_ids is None:
+        raise CPRecError("torch_varlen attention takes packed rows: position_ids and no attention_mask "
+                         "(use sdpa for padded batches and for generation)")
+    if dropout:
+        raise CPRecError("torch_varlen attention has no dropout (the model's attention_dropout must be 0)")
+    b, heads, s, d = query.shape
+    cu_seqlens, max_len = _boundaries_cached(position_ids)
+    q = query.transpose(1, 2).reshape(b * s, heads, d)
+    k = key.transpose(1, 2).reshape(b * s, key.shape[1], d)
+    v = value.transpose(1, 2).reshape(b * s, value.shape[1], d)
+    scale = scaling if scaling is not None else d ** -0.5
+    out = _call_varlen(q, k, v, cu_seqlens, max_len, scale)
+    return out.view(b, s, heads, d), None
+
+
+def register_torch_varlen() -> None:
+    """Make `attn_implementation="torch_varlen"` known to transformers (no mask is built for it)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(TORCH_VARLEN, torch_varlen_forward)
