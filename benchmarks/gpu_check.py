@@ -5,7 +5,8 @@
      `torch_varlen`, SDPA with transformers' block-diagonal mask) against SDPA on each document alone, and
      the bf16 noise floor (the same documents alone in fp32 against bf16);
   2. throughput: tokens/s and MFU of the trainer (DeepSpeed ZeRO-3 bf16, one GPU) for SmolLM2-135M and a
-     ~0.5B Llama config, on random packed rows, with each of those attentions.
+     ~0.5B Llama config, on random packed rows, with each of those attentions;
+  3. resume: SmolLM2-135M trained 8 steps straight against 4 + checkpoint + --resume 4 (the losses).
 
     python benchmarks/gpu_check.py [--steps 20] [--seq-len 2048] [--micro-batch 8] [--out DIR]
 
@@ -119,27 +120,43 @@ def packed_rows_check(shards: Path, cuda: bool, rows: int = 4) -> dict:
     return result
 
 
-def throughput(tmp: Path, name: str, model: dict, shards: Path, steps: int, micro: int, cuda: bool,
-               timeout: int) -> dict:
-    """The trainer through launch/train.py on one device; median tokens/s and MFU after 3 warm-up steps."""
-    slug = "".join(c if c.isalnum() else "_" for c in f"{name}_{model['attn']}")
+def train_config(tmp: Path, slug: str, model: dict, shards: Path, steps: int, micro: int, cuda: bool,
+                 every: int = 10**9) -> Path:
     cfg = {"run_dir": str(tmp / slug), "shards": str(shards), "model": model, "global_batch": micro,
            "micro_batch": micro, "seed": 0, "plots": False, "mixture": {"a": 1.0}, "log_every": 1,
            "deepspeed": str(REPO / "ds_configs" / ("zero3_bf16.json" if cuda else "zero3_fp32_cpu.json")),
            "schedule": {"peak_lr": 1e-4, "min_lr": 1e-5, "warmup_steps": 1, "stable_steps": steps - 1,
                         "anneal_steps": 0},
-           "checkpoint": {"every": 10**9, "keep_last": 1}}
-    (tmp / f"{slug}.yaml").write_text(yaml.safe_dump(cfg))
+           "checkpoint": {"every": every, "keep_last": 2}}
+    path = tmp / f"{slug}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_train(config: Path, extra: list[str], timeout: int) -> str | None:
+    """launch/train.py in its own process; None on success, else what went wrong."""
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
                                                                  str(Path.home() / ".cache" / "torch_extensions"))}
-    began = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "--config",
-                               str(tmp / f"{slug}.yaml")], capture_output=True, text=True, env=env, timeout=timeout)
+        proc = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "--config", str(config), *extra],
+                              capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"model": name, "attn": model["attn"], "error": f"no result within {timeout} s"}
-    if proc.returncode:
-        return {"model": name, "attn": model["attn"], "error": proc.stderr[-2000:]}
+        return f"no result within {timeout} s"
+    return proc.stderr[-2000:] if proc.returncode else None
+
+
+def losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def throughput(tmp: Path, name: str, model: dict, shards: Path, steps: int, micro: int, cuda: bool,
+               timeout: int) -> dict:
+    """The trainer through launch/train.py on one device; median tokens/s and MFU after 3 warm-up steps."""
+    slug = "".join(c if c.isalnum() else "_" for c in f"{name}_{model['attn']}")
+    began = time.perf_counter()
+    error = run_train(train_config(tmp, slug, model, shards, steps, micro, cuda), [], timeout)
+    if error:
+        return {"model": name, "attn": model["attn"], "error": error}
     records = [json.loads(line) for line in (tmp / slug / "metrics.jsonl").read_text().splitlines()][3:]
     out = {"model": name, "attn": model["attn"], "steps_measured": len(records),
            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in records),
@@ -148,6 +165,19 @@ def throughput(tmp: Path, name: str, model: dict, shards: Path, steps: int, micr
     if records and "mfu" in records[-1]:
         out["mfu"] = statistics.median(r["mfu"] for r in records)
     return out
+
+
+def resume_check(tmp: Path, model: dict, shards: Path, micro: int, cuda: bool, timeout: int) -> dict:
+    """8 steps straight against 4, a checkpoint, and --resume for the other 4: the losses of each step."""
+    straight = train_config(tmp, "straight", model, shards, 8, micro, cuda)
+    cut = train_config(tmp, "cut", model, shards, 8, micro, cuda, every=4)
+    for config, extra in ((straight, []), (cut, ["max_steps=4"]), (cut, ["--resume"])):
+        error = run_train(config, extra, timeout)
+        if error:
+            return {"error": error}
+    a, b = losses(tmp / "straight"), losses(tmp / "cut")
+    return {"steps": len(a), "losses_straight": a, "losses_cut_and_resumed": b,
+            "max_abs_loss_diff": max(abs(x - y) for x, y in zip(a, b)) if len(a) == len(b) else None}
 
 
 def main():
@@ -185,7 +215,7 @@ def main():
         models = {"SmolLM2-135M": smollm2}
         models["Llama ~0.5B (random init)" if cuda else "tiny Llama (CPU stand-in for 0.5B)"] = \
             {"name": None, "config": LLAMA_05B if cuda else TINY}
-        attns = [a for a in packed_attentions(cuda)]
+        attns = packed_attentions(cuda)
         for name, model in models.items():
             for attn in attns:
                 result = throughput(tmp, name, {**model, "attn": attn}, tmp / "shards", steps, micro, cuda,
@@ -193,6 +223,10 @@ def main():
                 print(json.dumps(result), flush=True)
                 report["throughput"].append(result)
                 save()
+        report["resume"] = resume_check(tmp, {**smollm2, "attn": attns[0]}, tmp / "shards", micro, cuda,
+                                        args.timeout)
+        print(json.dumps({"resume": report["resume"]}), flush=True)
+        save()
     print(f"\n| model | attention | rows x tokens per step | tokens/s | MFU |")
     print("|---|---|---|---|---|")
     for r in report["throughput"]:

@@ -409,6 +409,12 @@ class Trainer:
         for group in self.engine.optimizer.param_groups:
             group["lr"] = value
 
+    def _all_reduce(self, tensor, op=None):
+        """All-reduce a small CPU tensor on the engine's device (NCCL reduces CUDA tensors only); CPU back."""
+        on_device = tensor.to(self.device)
+        self.torch.distributed.all_reduce(on_device, op=op or self.torch.distributed.ReduceOp.SUM)
+        return on_device.cpu()
+
     def _train_step(self, batch: dict) -> dict:
         torch = self.torch
         from cprec.data.collate import IGNORE_INDEX
@@ -421,8 +427,7 @@ class Trainer:
         local = torch.zeros(2 + 2 * n_streams, dtype=torch.float64)
         labelled = (labels != IGNORE_INDEX)
         local[1] = labelled.sum()
-        total_labelled = local[1].clone()
-        self.torch.distributed.all_reduce(total_labelled)
+        total_labelled = self._all_reduce(local[1].clone())
         scale = self.world * self.accum / max(total_labelled.item(), 1.0)
         rows = batch["input_ids"].shape[0]
         micro = rows // self.accum
@@ -445,8 +450,7 @@ class Trainer:
             local[2:2 + n_streams].index_add_(0, sid, row_loss)
             local[2 + n_streams:].index_add_(0, sid, row_count)
         tokens = batch["stream_tokens"].double()
-        stats = torch.cat([local, tokens])
-        self.torch.distributed.all_reduce(stats)
+        stats = self._all_reduce(torch.cat([local, tokens]))
         loss_sum, count = stats[0].item(), stats[1].item()
         per_loss, per_count = stats[2:2 + n_streams], stats[2 + n_streams:2 + 2 * n_streams]
         per_tokens = stats[2 + 2 * n_streams:]
@@ -524,8 +528,8 @@ class Trainer:
         return every > 0 and self.step % every == 0 and wsa.phase(self.step, self.schedule) == "stable"
 
     def _agreed_stop(self) -> str | None:
-        flag = self.torch.tensor([1.0 if self._stop_signal else 0.0])
-        self.torch.distributed.all_reduce(flag, op=self.torch.distributed.ReduceOp.MAX)
+        flag = self._all_reduce(self.torch.tensor([1.0 if self._stop_signal else 0.0]),
+                                op=self.torch.distributed.ReduceOp.MAX)
         return (self._stop_signal or "signal on another rank") if flag.item() else None
 
     def _mfu(self, tokens_per_s: float) -> float | None:
