@@ -187,6 +187,8 @@ def main():
     parser.add_argument("--micro-batch", dest="micro", type=int, default=8)
     parser.add_argument("--timeout", type=int, default=150, help="seconds allowed to each training run")
     parser.add_argument("--out", type=Path, default=None, help="folder for gpu_check.json")
+    parser.add_argument("--parts", default="packed,throughput,resume", help="which checks, comma-separated")
+    parser.add_argument("--attn", default=None, help="only this attention in the throughput runs")
     args = parser.parse_args()
     from cprec.data.shards import write_random_shardset
 
@@ -205,28 +207,31 @@ def main():
         tmp = Path(tmp)
         write_random_shardset(tmp / "shards", {"a": steps * micro + 64}, seq_len=seq_len, shard_rows=256,
                               vocab=49152)
-        try:
-            report["packed_rows"] = packed_rows_check(tmp / "shards", cuda)
-        except Exception as err:  # the throughput runs still tell something
-            report["packed_rows"] = {"error": repr(err)}
-        print(json.dumps({"packed_rows": report["packed_rows"]}, indent=1), flush=True)
-        save()
+        parts = args.parts.split(",")
+        if "packed" in parts:
+            try:
+                report["packed_rows"] = packed_rows_check(tmp / "shards", cuda)
+            except Exception as err:  # the throughput runs still tell something
+                report["packed_rows"] = {"error": repr(err)}
+            print(json.dumps({"packed_rows": report["packed_rows"]}, indent=1), flush=True)
+            save()
         smollm2 = {"name": "smollm2"} if smollm2_installed() else {"name": None, "config": SMOLLM2_135M}
         models = {"SmolLM2-135M": smollm2}
         models["Llama ~0.5B (random init)" if cuda else "tiny Llama (CPU stand-in for 0.5B)"] = \
             {"name": None, "config": LLAMA_05B if cuda else TINY}
-        attns = packed_attentions(cuda)
-        for name, model in models.items():
+        attns = [a for a in packed_attentions(cuda) if args.attn in (None, a)]
+        for name, model in models.items() if "throughput" in parts else ():
             for attn in attns:
                 result = throughput(tmp, name, {**model, "attn": attn}, tmp / "shards", steps, micro, cuda,
                                     args.timeout)
                 print(json.dumps(result), flush=True)
                 report["throughput"].append(result)
                 save()
-        report["resume"] = resume_check(tmp, {**smollm2, "attn": attns[0]}, tmp / "shards", micro, cuda,
-                                        args.timeout)
-        print(json.dumps({"resume": report["resume"]}), flush=True)
-        save()
+        if "resume" in parts and attns:
+            report["resume"] = resume_check(tmp, {**smollm2, "attn": attns[0]}, tmp / "shards", micro, cuda,
+                                            args.timeout)
+            print(json.dumps({"resume": report["resume"]}), flush=True)
+            save()
     print(f"\n| model | attention | rows x tokens per step | tokens/s | MFU |")
     print("|---|---|---|---|---|")
     for r in report["throughput"]:

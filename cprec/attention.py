@@ -6,11 +6,16 @@ from the per-document position ids, but flash-attn has no wheels on PyPI and tak
 so `torch_varlen` registers it with transformers as one more attention implementation: documents are cut at
 every position id 0 (`cprec.data.collate` restarts them per document, padding included), the rows of the
 batch flattened into one varlen call. Without it, SDPA attends through a block-diagonal mask (a dense
-seq_len x seq_len mask per row and the memory-efficient kernel instead of flash).
+seq_len x seq_len mask per row and cuDNN's attention).
+
+`auto` does not pick torch_varlen: on an H200 (benchmarks/gpu_check.py, README "GPU check") it matched
+SDPA per document, but trained SmolLM2-135M 20% slower than SDPA (33k vs 42k tokens/s) and a ~0.5B
+model 3% faster, at 8 x 2048 tokens per step, where ZeRO-3's host work rather than attention sets the pace.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -34,7 +39,7 @@ def torch_varlen_available() -> bool:
 
 
 def choose(choice: str, cuda: bool) -> str:
-    """The implementation for `model.attn`: auto prefers flash-attn, then torch_varlen, on GPUs; SDPA on CPUs."""
+    """The implementation for `model.attn`: auto is flash-attn on GPUs where installed, else SDPA."""
     if choice not in CHOICES:
         raise CPRecError(f"model.attn={choice!r}: expected one of {', '.join(CHOICES)}")
     if choice == TORCH_VARLEN and not torch_varlen_available():
@@ -51,9 +56,6 @@ def choose(choice: str, cuda: bool) -> str:
             return "flash_attention_2"
         except ImportError:
             pass
-        if torch_varlen_available():
-            register_torch_varlen()
-            return TORCH_VARLEN
     return "sdpa"
 
 
@@ -78,10 +80,15 @@ def _boundaries_cached(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     return _last_boundaries[1]
 
 
+@functools.lru_cache(maxsize=4)
+def _parameters(function) -> frozenset:
+    return frozenset(inspect.signature(function).parameters)  # once, not per layer and call
+
+
 def _call_varlen(q, k, v, cu_seqlens, max_len, scale):
     """varlen_attn, causal, across the signatures of torch 2.10-2.13 (is_causal became window_size; GQA came later)."""
     varlen_attn = _varlen_attn()
-    params = inspect.signature(varlen_attn).parameters
+    params = _parameters(varlen_attn)
     kwargs = {}
     if "window_size" in params:
         kwargs["window_size"] = (-1, 0)  # (-1, 0) is causal
