@@ -47,7 +47,7 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A
 class ModelConfig:
     name: str | None = "smollm2"  # a Hugging Face folder, or smollm2 (the packaged SmolLM2-135M)
     config: dict | None = None  # instead of name: build a random model from this config (tests)
-    attn: str = "auto"  # see cprec.attention: flash_attention_2, else torch_varlen on GPUs; sdpa on CPUs
+    attn: str = "auto"  # auto: flash_attention_2 on GPUs when installed, else sdpa; see cprec.attention
     gradient_checkpointing: bool = False
 
 
