@@ -42,12 +42,13 @@ def choose(choice: str, cuda: bool) -> str:
     """The implementation for `model.attn`: auto is flash-attn on GPUs where installed, else SDPA."""
     if choice not in CHOICES:
         raise CPRecError(f"model.attn={choice!r}: expected one of {', '.join(CHOICES)}")
-    if choice == TORCH_VARLEN and not torch_varlen_available():
-        raise CPRecError(f"model.attn={TORCH_VARLEN} needs CUDA and torch>=2.10 (torch.nn.attention.varlen); "
-                         f"this is torch {torch.__version__}, CUDA {'on' if torch.cuda.is_available() else 'off'}")
+    if choice == TORCH_VARLEN:
+        if not torch_varlen_available():
+            raise CPRecError(f"model.attn={TORCH_VARLEN} needs CUDA and torch>=2.10 (torch.nn.attention.varlen); "
+                             f"this is torch {torch.__version__}, CUDA {'on' if torch.cuda.is_available() else 'off'}")
+        register_torch_varlen()
+        return choice
     if choice != "auto":
-        if choice == TORCH_VARLEN:
-            register_torch_varlen()
         return choice
     if cuda:
         try:
