@@ -146,8 +146,8 @@ def run_train(config: Path, extra: list[str], timeout: int) -> str | None:
     return proc.stderr[-2000:] if proc.returncode else None
 
 
-def losses(run: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def throughput(tmp: Path, name: str, model: dict, shards: Path, steps: int, micro: int, cuda: bool,
@@ -158,7 +158,7 @@ def throughput(tmp: Path, name: str, model: dict, shards: Path, steps: int, micr
     error = run_train(train_config(tmp, slug, model, shards, steps, micro, cuda), [], timeout)
     if error:
         return {"model": name, "attn": model["attn"], "error": error}
-    records = [json.loads(line) for line in (tmp / slug / "metrics.jsonl").read_text().splitlines()][3:]
+    records = metrics(tmp / slug)[3:]
     out = {"model": name, "attn": model["attn"], "steps_measured": len(records),
            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in records),
            "final_loss": records[-1]["loss"] if records else None,
@@ -176,7 +176,7 @@ def resume_check(tmp: Path, model: dict, shards: Path, micro: int, cuda: bool, t
         error = run_train(config, extra, timeout)
         if error:
             return {"error": error}
-    a, b = losses(tmp / "straight"), losses(tmp / "cut")
+    a, b = ([r["loss"] for r in metrics(tmp / run)] for run in ("straight", "cut"))
     return {"steps": len(a), "losses_straight": a, "losses_cut_and_resumed": b,
             "max_abs_loss_diff": max(abs(x - y) for x, y in zip(a, b)) if len(a) == len(b) else None}
 

@@ -21,10 +21,9 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_check import REPO, SMOLLM2_135M, TINY  # noqa: E402
+from gpu_check import REPO, SMOLLM2_135M, TINY, train_config  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 
@@ -67,14 +66,10 @@ def trainer_profile(tmp: Path, shards: Path, config: dict, micro: int, steps: in
     from cprec.config import load_config
     from cprec.trainer import Trainer, TrainConfig
 
-    cfg = {"run_dir": str(tmp / "run"), "shards": str(shards), "model": {"name": None, "config": config,
-           "attn": attn}, "global_batch": micro, "micro_batch": micro, "seed": 0, "plots": False,
-           "mixture": {"a": 1.0}, "log_every": 1,
-           "deepspeed": str(REPO / "ds_configs" / ("zero3_bf16.json" if cuda else "zero3_fp32_cpu.json")),
-           "schedule": {"peak_lr": 1e-4, "min_lr": 1e-5, "warmup_steps": 1, "stable_steps": 3 * steps + 10,
-                        "anneal_steps": 0}, "checkpoint": {"every": 10**9, "keep_last": 1}, "max_steps": 3}
-    (tmp / "run.yaml").write_text(yaml.safe_dump(cfg))
-    trainer = Trainer(load_config(TrainConfig, str(tmp / "run.yaml"), []))
+    # enough schedule for the warm-up and the three measured passes; the first fit() stops after 3 steps
+    path = train_config(tmp, "run", {"name": None, "config": config, "attn": attn}, shards, 3 * steps + 11,
+                        micro, cuda)
+    trainer = Trainer(load_config(TrainConfig, str(path), ["max_steps=3"]))
     trainer.save = lambda: "not saved"  # checkpoints are not part of a step
     trainer.fit()  # warm-up
     trainer.cfg.max_steps = steps
