@@ -8,7 +8,9 @@ Prints, in one run:
      MovieLens documents padded per batch (DataCollatorForLanguageModeling), same tiny model and tokens per
      step, so the difference is what packing saves.
 
-Run: python benchmarks/bench_trainer.py [--steps 5 --rounds 4]
+Run: python benchmarks/bench_trainer.py [--steps 5 --rounds 4] [--deepspeed CONFIG.json] [--no-hf]
+(--deepspeed: the trainer's DeepSpeed JSON instead of ds_configs/zero3_fp32_cpu.json, to compare ZeRO
+options; --no-hf: part 1 only)
 """
 
 import argparse
@@ -67,7 +69,8 @@ class BareLoop:
         return tokens, seconds
 
 
-def trainer_and_bare(tmp: Path, shards: Path, steps: int, rounds: int) -> list[tuple[float, float]]:
+def trainer_and_bare(tmp: Path, shards: Path, steps: int, rounds: int,
+                     deepspeed: str = "auto") -> list[tuple[float, float]]:
     """Rounds of `steps` steps of each, alternating in one process, so that both see the same machine load
     (this shared CPU drifts by 10-20% over minutes); per round (trainer tokens/s, bare tokens/s)."""
     from cprec.config import from_dict
@@ -76,7 +79,7 @@ def trainer_and_bare(tmp: Path, shards: Path, steps: int, rounds: int) -> list[t
     bare = BareLoop(shards)  # built before the trainer: its DeepSpeed config turns model builds into zero.Init
     cfg = from_dict(TrainConfig, {
         "run_dir": str(tmp / "run"), "shards": str(shards), "model": {"name": None, "config": TINY},
-        "global_batch": GLOBAL, "micro_batch": MICRO, "seed": 0, "plots": False, "max_steps": 1,
+        "global_batch": GLOBAL, "micro_batch": MICRO, "seed": 0, "plots": False, "max_steps": 1, "deepspeed": deepspeed,
         "schedule": {"peak_lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 1, "stable_steps": 10**6, "anneal_steps": 0},
         "checkpoint": {"every": 10**9, "keep_last": 1}})
     trainer = Trainer(cfg)
@@ -142,6 +145,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=5, help="steps per round")
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--deepspeed", default="auto", help="the trainer's DeepSpeed JSON (default: the CPU config)")
+    parser.add_argument("--no-hf", dest="hf", action="store_false", help="skip the Hugging Face Trainer comparison")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count())
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count()))
@@ -152,14 +157,15 @@ def main():
         tmp = Path(tmp)
         prepare(PrepareConfig(tokenizer="smollm2", window_tokens=SEQ - 1), tmp / "prepared")
         pack(tmp / "prepared", "smollm2", tmp / "shards", PackConfig(seq_len=SEQ, workers=os.cpu_count()))
-        rounds = trainer_and_bare(tmp, tmp / "shards", args.steps, args.rounds)
-        hf, hf_use = hf_trainer_tokens_per_s(tmp / "prepared", args.steps * args.rounds, tmp)
+        rounds = trainer_and_bare(tmp, tmp / "shards", args.steps, args.rounds, args.deepspeed)
+        if args.hf:
+            hf, hf_use = hf_trainer_tokens_per_s(tmp / "prepared", args.steps * args.rounds, tmp)
 
     params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_config(
         __import__("transformers").AutoConfig.for_model(**TINY)).parameters()) / 1e6
     print(f"tiny Llama {params:.1f}M params, rows of {SEQ} tokens, global batch {GLOBAL} rows, micro-batch {MICRO}, "
           f"world size 1, fp32, {os.cpu_count()} threads, MovieLens-1M shards (SmolLM2 tokenizer); "
-          f"{args.rounds} alternating rounds of {args.steps} steps\n")
+          f"{args.rounds} alternating rounds of {args.steps} steps; DeepSpeed config {args.deepspeed}\n")
     print("| round | bare torch loop tokens/s | CPRec trainer tokens/s | trainer / bare |")
     print("|---|---|---|---|")
     for k, (ours, bare) in enumerate(rounds, 1):
@@ -171,8 +177,9 @@ def main():
     print("|---|---|---|")
     print(f"| bare torch loop (AdamW) | {bare:,.0f} | 1.00 |")
     print(f"| CPRec trainer (DeepSpeed ZeRO-3, 1 rank) | {ours:,.0f} | {ours / bare:.2f} |")
-    print(f"| HF Trainer, padded batches (slot use {hf_use:.1%}) | {hf:,.0f} | {hf / bare:.2f} |")
-    print(f"\nnon-pad tokens/s, CPRec packed vs HF Trainer padded: {ours / hf:.2f}x")
+    if args.hf:
+        print(f"| HF Trainer, padded batches (slot use {hf_use:.1%}) | {hf:,.0f} | {hf / bare:.2f} |")
+        print(f"\nnon-pad tokens/s, CPRec packed vs HF Trainer padded: {ours / hf:.2f}x")
 
 
 if __name__ == "__main__":
