@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import os
 import shutil
 from pathlib import Path
@@ -44,20 +45,56 @@ def _quiet_transformers():
     return transformers
 
 
+CONVERTED = "cprec-converted.json"  # written last into a conversion's folder: only a folder with it is trusted
+
+
+def convert_once(target: Path, build, source: Path) -> Path:
+    """Make `target` by `build(tmp)` exactly once, safely under interruption and concurrency.
+
+    `build` fills a fresh temporary sibling folder; the marker file is written last and the folder is then
+    renamed into place, so `target` either does not exist or is complete: a conversion killed half-way leaves
+    only a `*.tmp<pid>` folder, which no run trusts and the next conversion removes. A file lock serialises
+    processes sharing the cache (the local rank 0 of every node of a job, or two jobs on a shared filesystem):
+    whoever comes second finds the work done.
+    """
+    import fcntl
+
+    if (target / CONVERTED).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / CONVERTED).is_file():  # another process converted while this one waited
+            return target
+        for stale in target.parent.glob(f"{target.name}.tmp*"):  # interrupted conversions
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        tmp.mkdir()
+        build(tmp)
+        (tmp / CONVERTED).write_text(json.dumps({"from": str(source), "bytes": source.stat().st_size,
+                                                 "package": f"{SMOLLM2_PACKAGE} {_smollm2_version()}"}) + "\n")
+        shutil.rmtree(target, ignore_errors=True)  # an untrusted leftover of an older layout
+        tmp.rename(target)
+    return target
+
+
+def _smollm2_version() -> str:
+    return importlib.metadata.version(SMOLLM2_PACKAGE)
+
+
+def _smollm2_root() -> Path:
+    return cache_dir() / f"smollm2-135m-instruct-{_smollm2_version()}"
+
+
 def smollm2_tokenizer_folder() -> Path:
     """The SmolLM2 tokenizer as a plain Hugging Face folder, converted from the GGUF file on first use."""
     gguf = smollm2_gguf()
-    target = cache_dir() / f"smollm2-135m-instruct-{importlib.metadata.version(SMOLLM2_PACKAGE)}" / "tokenizer"
-    if (target / "tokenizer.json").is_file():
-        return target
-    transformers = _quiet_transformers()
-    tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tok.save_pretrained(str(tmp))
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-    return target
+
+    def build(tmp: Path) -> None:
+        tok = _quiet_transformers().AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tok.save_pretrained(str(tmp))
+
+    return convert_once(_smollm2_root() / "tokenizer", build, gguf)
 
 
 def smollm2_folder() -> Path:
@@ -65,32 +102,37 @@ def smollm2_folder() -> Path:
 
     transformers dequantizes the Q4_1 GGUF file to fp32 when loading; `save_pretrained` refuses a model loaded
     that way, so a plain model is rebuilt from its config (without the quantization config) and state dict.
+    The conversion needs whole, unpartitioned models: call it before a DeepSpeed ZeRO-3 config is alive
+    (under one, transformers builds every model partitioned and empty), as the trainer does.
     """
-    target = smollm2_tokenizer_folder().parent / "model"
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
     gguf = smollm2_gguf()
-    transformers = _quiet_transformers()
-    import torch
+    tokenizer = smollm2_tokenizer_folder()
 
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                                 dtype=torch.float32)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
-    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    if set(missing) - tied or unexpected:
-        raise CPRecError(f"converting {gguf}: missing weights {missing}, unexpected {unexpected}")
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    plain.save_pretrained(str(tmp))
-    for f in smollm2_tokenizer_folder().iterdir():
-        shutil.copy(f, tmp / f.name)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-    return target
+    def build(tmp: Path) -> None:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        if is_deepspeed_zero3_enabled():
+            raise CPRecError("internal error: SmolLM2 is being converted while a ZeRO-3 config is alive, which "
+                             "would build it partitioned and empty; convert it first (cprec.backbone.smollm2_folder)")
+        transformers = _quiet_transformers()
+        import torch
+
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                                     dtype=torch.float32)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
+        tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+        if set(missing) - tied or unexpected:
+            raise CPRecError(f"converting {gguf}: missing weights {missing}, unexpected {unexpected}")
+        plain.save_pretrained(str(tmp))
+        for f in tokenizer.iterdir():
+            if f.name != CONVERTED:
+                shutil.copy(f, tmp / f.name)
+
+    return convert_once(_smollm2_root() / "model", build, gguf)
 
 
 def resolve_tokenizer(spec: str) -> Path:
@@ -115,7 +157,7 @@ def tokenizer_identity(folder: str | Path, tok, name: str) -> dict:
     folder = Path(folder)
     digest = hashlib.sha256()
     for path in sorted(folder.iterdir()):
-        if path.is_file() and path.suffix in (".json", ".model", ".txt", ".jinja"):
+        if path.is_file() and path.suffix in (".json", ".model", ".txt", ".jinja") and path.name != CONVERTED:
             digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return {"name": name, "vocab_size": len(tok),
             "hash": digest.hexdigest()[:32], "eos_id": tok.eos_token_id}
