@@ -1,4 +1,24 @@
+import glob
+import shutil
+from pathlib import Path
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+# the top-level files the library reads (cprec/resources.py): copied into the package when it is built, so a
+# wheel carries them; users keep finding and editing them at the top of the repository
+SHIPPED_PATTERNS = ("ds_configs/*.json", "launch/configs/*.yaml")
+
+
+class BuildPyWithShippedFiles(build_py):
+    def run(self):
+        super().run()
+        for pattern in SHIPPED_PATTERNS:
+            for source in sorted(glob.glob(pattern)):
+                target = Path(self.build_lib) / "cprec" / "_shipped" / source
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, target)
+
 
 setup(
     name="cprec",
@@ -30,4 +50,5 @@ setup(
         "test": ["pytest>=8"],
     },
     entry_points={"console_scripts": ["cprec=cprec.cli:main"]},
+    cmdclass={"build_py": BuildPyWithShippedFiles},
 )
