@@ -2,13 +2,17 @@
 
 Every rank writes its part with `engine.save_checkpoint` (DeepSpeed's own `latest` file is not written);
 after a barrier, rank 0 writes `<tag>/complete.json` (the CPRec training state: step, phase, stream state,
-config hash, lineage, world size) and only then moves `checkpoints/latest`. A checkpoint without its
-marker (a save killed half-way) is never loaded and is removed by the next run. Retention keeps the last K
-complete checkpoints, the stable-phase branch points at a configured interval, and the latest.
+config hash, lineage, world size, and `files`: the size and BLAKE2b hash of every file of the checkpoint,
+each rank hashing its share) and only then moves `checkpoints/latest`. A checkpoint without its
+marker (a save killed half-way) is never loaded and is removed by the next run. Resume and export check
+the files against the marker: a truncated or altered file is named, and resume falls back to the newest
+checkpoint that checks out. Retention keeps the last K complete checkpoints, the stable-phase branch points
+at a configured interval, and the latest.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -39,6 +43,49 @@ def write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
+
+
+def checkpoint_files(checkpoint: Path) -> list[str]:
+    """The files of a checkpoint directory that its marker describes (relative names, sorted)."""
+    checkpoint = Path(checkpoint)
+    return sorted(str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*") if p.is_file() and p.name != MARKER)
+
+
+def describe_files(checkpoint: Path, names: list[str]) -> dict[str, dict]:
+    """{name: {bytes, blake2b}} for these files of a checkpoint (each rank describes its share)."""
+    out = {}
+    for name in names:
+        digest = hashlib.blake2b(digest_size=16)
+        with open(Path(checkpoint) / name, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                digest.update(chunk)
+        out[name] = {"bytes": (Path(checkpoint) / name).stat().st_size, "blake2b": digest.hexdigest()}
+    return out
+
+
+def file_problems(checkpoint: Path, names: list[str] | None = None) -> list[str]:
+    """What is wrong with a complete checkpoint's files (a subset of them: `names`), against its marker.
+    A marker from before file tables were recorded has nothing to check against."""
+    table = read_state(checkpoint).get("files")
+    if table is None:
+        return []
+    problems = []
+    for name in (sorted(table) if names is None else names):
+        path, want = Path(checkpoint) / name, table[name]
+        if not path.is_file():
+            problems.append(f"{path} is missing")
+        elif path.stat().st_size != want["bytes"]:
+            problems.append(f"{path} has {path.stat().st_size:,} bytes, {want['bytes']:,} when it was written "
+                            f"(truncated or overwritten)")
+        elif describe_files(checkpoint, [name])[name]["blake2b"] != want["blake2b"]:
+            problems.append(f"{path} does not match its checksum (corrupted)")
+    return problems
+
+
+def verify_files(checkpoint: Path) -> None:
+    problems = file_problems(checkpoint)
+    if problems:
+        raise CPRecError(f"{checkpoint} is damaged: {'; '.join(problems)}; use an earlier complete checkpoint")
 
 
 def mark_complete(root: Path, tag: str, state: dict) -> None:

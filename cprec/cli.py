@@ -116,6 +116,8 @@ def cmd_train(args) -> int:
     argv = (["--config", args.config] if args.config else []) + (["--resume"] if args.resume else [])
     if args.anneal_from:
         argv += ["--anneal-from", args.anneal_from, "--anneal-steps", str(args.anneal_steps)]
+    if args.anneal_shape:
+        argv += ["--anneal-shape", args.anneal_shape]
     if args.mixture:
         argv += ["--mixture", *args.mixture]
     return train_main(argv + list(args.overrides))
@@ -142,7 +144,7 @@ def cmd_sft(args) -> int:
 def cmd_export(args) -> int:
     from cprec.export import export
 
-    out = export(args.checkpoint, args.out, args.dtype)
+    out = export(args.checkpoint, args.out, args.dtype, overwrite=args.overwrite)
     print(f"exported {args.checkpoint} -> {out} (AutoModelForCausalLM.from_pretrained('{out}') loads it)")
     return 0
 
@@ -168,25 +170,36 @@ def _eval_overrides(args, overrides: list[str]) -> list[str]:
     return out
 
 
-def cmd_evaluate(args) -> int:
-    from cprec.eval.evaluate import EvalConfig, evaluate
+def eval_config(args):
+    from cprec.eval.evaluate import EvalConfig
 
-    cfg = load_config(EvalConfig, None, _eval_overrides(args, args.overrides))
-    results = evaluate(args.model, args.data, args.out, cfg, args.candidates)
+    return load_config(EvalConfig, None, _eval_overrides(args, args.overrides))
+
+
+def baseline_configs(args):
+    """(evaluation config, SASRec config): the overrides are split by the key they name."""
+    from cprec.eval.evaluate import EvalConfig
+    from cprec.eval.sasrec import SASRecConfig
+
+    eval_keys = {f.name for f in __import__("dataclasses").fields(EvalConfig)}
+    eval_over = _eval_overrides(args, [o for o in args.overrides if o.split("=", 1)[0] in eval_keys])
+    model_over = [o for o in args.overrides if o.split("=", 1)[0] not in eval_keys]
+    return load_config(EvalConfig, None, eval_over), load_config(SASRecConfig, None, model_over)
+
+
+def cmd_evaluate(args) -> int:
+    from cprec.eval.evaluate import evaluate
+
+    results = evaluate(args.model, args.data, args.out, eval_config(args), args.candidates)
     print((Path(args.out) / "results.md").read_text())
     print(f"results in {args.out}/results.json and results.md ({len(results['domains'])} domains)")
     return 0
 
 
 def cmd_baseline(args) -> int:
-    from cprec.eval.evaluate import EvalConfig
-    from cprec.eval.sasrec import SASRecConfig, evaluate_sasrec
+    from cprec.eval.sasrec import evaluate_sasrec
 
-    eval_keys = {f.name for f in __import__("dataclasses").fields(EvalConfig)}
-    eval_over = _eval_overrides(args, [o for o in args.overrides if o.split("=", 1)[0] in eval_keys])
-    model_over = [o for o in args.overrides if o.split("=", 1)[0] not in eval_keys]
-    results = evaluate_sasrec(args.data, args.out, load_config(EvalConfig, None, eval_over),
-                              load_config(SASRecConfig, None, model_over), args.candidates)
+    results = evaluate_sasrec(args.data, args.out, *baseline_configs(args), args.candidates)
     print((Path(args.out) / "results.md").read_text())
     print(f"results in {args.out}/results.json and results.md ({len(results['domains'])} domains)")
     return 0
@@ -199,7 +212,8 @@ def cmd_quickstart(args) -> int:
     from cprec.data.pack import PackConfig, pack
     from cprec.data.prepare import PrepareConfig, prepare, summary_rows
     from cprec.export import export
-    from cprec.trainer import REPO, TrainConfig, Trainer
+    from cprec import resources
+    from cprec.trainer import TrainConfig, Trainer
 
     out = Path(args.out)
     timings = {}
@@ -220,7 +234,7 @@ def cmd_quickstart(args) -> int:
     print(format_table(*stream_table(index)))
     for old in ("run", "hf"):  # the quickstart is a from-scratch demo: a re-run replaces its run
         shutil.rmtree(out / old, ignore_errors=True)
-    cfg = load_config(TrainConfig, REPO / "launch" / "configs" / "quickstart.yaml",
+    cfg = load_config(TrainConfig, resources.recipe("quickstart.yaml"),
                       [f"run_dir={out / 'run'}", f"shards={out / 'shards'}", *args.overrides])
     trainer = stage("train", lambda: Trainer(cfg))  # model load and DeepSpeed set-up count as training time
     started = time.perf_counter()
@@ -356,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
     p.add_argument("--anneal-from", dest="anneal_from", help="branch from a stable-phase checkpoint")
     p.add_argument("--anneal-steps", dest="anneal_steps", type=int, help="length of the branch's anneal phase")
+    p.add_argument("--anneal-shape", dest="anneal_shape", help="branch: linear, cosine, 1-sqrt or exponential")
     p.add_argument("--mixture", nargs="*", default=[], metavar="stream=weight", help="the branch's own mixture")
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
@@ -376,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="RUN/checkpoints/stepNNNNNNNN")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out (never any "
+                   "other folder)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("evaluate", help="next-item recommendation on the held-out downstream domains")
@@ -403,8 +420,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse like argparse, but let `key=value` overrides stand anywhere on the line, as users write them:
+    after an option (`--resume k=v`, which argparse rejects once the positionals were taken) or after a list
+    option (`--domains Sci-Fi k=v`, whose nargs='*' would swallow them; no domain name holds '=')."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [w for w in extra if "=" in w and not w.startswith("-")]
+    if len(stray) < len(extra) or (stray and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    overrides = list(getattr(args, "overrides", None) or [])
+    if getattr(args, "domains", None):
+        overrides += [d for d in args.domains if "=" in d]
+        args.domains = [d for d in args.domains if "=" not in d]
+    if hasattr(args, "overrides"):
+        args.overrides = overrides + stray
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return args.func(args)
     except (CPRecError, ConfigError) as exc:

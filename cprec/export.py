@@ -3,6 +3,11 @@
 The ZeRO-3 shards are consolidated on the CPU with DeepSpeed's own `zero_to_fp32` tools, loaded into a
 model built from the run's saved config (`run/model/config.json`), and saved with `save_pretrained`, next
 to the tokenizer files the run kept. `AutoModelForCausalLM.from_pretrained(out)` loads the result.
+
+The output folder is CPRec's only when it holds `cprec_export.json` (an earlier export): such a folder is
+replaced with `overwrite=True` and refused otherwise; any other non-empty folder is refused before any work,
+never removed. The new folder is written beside it and renamed into place, so a failed export leaves the old
+one as it was.
 """
 
 from __future__ import annotations
@@ -15,13 +20,31 @@ from cprec import checkpoint as ckpt
 from cprec.errors import CPRecError
 
 
-def export(checkpoint: str | Path, out: str | Path, dtype: str = "float32") -> Path:
+EXPORT_MARKER = "cprec_export.json"
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """Refuse an output folder that is not CPRec's to replace (see the module docstring)."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not out.is_dir():
+        raise CPRecError(f"--out {out} is a file; choose a folder that does not exist yet")
+    if not (out / EXPORT_MARKER).is_file():
+        raise CPRecError(f"--out {out} is a non-empty folder that is not an earlier export (no {EXPORT_MARKER}); "
+                         f"CPRec never deletes it: choose a new folder")
+    if not overwrite:
+        raise CPRecError(f"--out {out} holds an earlier export; pass --overwrite to replace it")
+
+
+def export(checkpoint: str | Path, out: str | Path, dtype: str = "float32", overwrite: bool = False) -> Path:
     import torch
     import transformers
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     checkpoint, out = Path(checkpoint), Path(out)
+    check_output(out, overwrite)
     state = ckpt.read_state(checkpoint)  # refuses an incomplete checkpoint
+    ckpt.verify_files(checkpoint)  # names a truncated or corrupted file
     run = checkpoint.parent.parent
     model_dir = run / "model"
     if not (model_dir / "config.json").is_file():
@@ -48,9 +71,16 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "float32") -> P
     for f in model_dir.iterdir():
         if f.name != "config.json" and f.is_file():
             shutil.copy(f, tmp / f.name)
-    (tmp / "cprec_export.json").write_text(json.dumps({"checkpoint": str(checkpoint), "step": state["step"],
-                                                       "phase": state["phase"], "lineage": state["lineage"],
-                                                       "config_hash": state["config_hash"]}, indent=2) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    (tmp / EXPORT_MARKER).write_text(json.dumps({"checkpoint": str(checkpoint), "step": state["step"],
+                                                 "phase": state["phase"], "lineage": state["lineage"],
+                                                 "config_hash": state["config_hash"]}, indent=2) + "\n")
+    check_output(out, overwrite)  # again: the folder may have been filled while the weights were consolidated
+    if out.exists():
+        old = out.with_name(out.name + ".replaced")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
     return out

@@ -18,14 +18,13 @@ import math
 from pathlib import Path
 
 from cprec import checkpoint as ckpt
+from cprec import resources
 from cprec.config import load_config
 from cprec.data.prepare import stream_name
 from cprec.data.shards import ShardSet
 from cprec.data.stream import default_mixture
 from cprec.errors import CPRecError
-from cprec.trainer import REPO, TrainConfig, Trainer
-
-SFT_CONFIG = REPO / "launch" / "configs" / "sft.yaml"
+from cprec.trainer import TrainConfig, Trainer
 WARMUP_FRACTION, ANNEAL_FRACTION = 0.05, 0.2  # of an epoch-sized schedule; the rest is stable
 
 
@@ -57,14 +56,22 @@ def size_schedule_to_epochs(cfg: TrainConfig, epochs: float) -> None:
     s.stable_steps = total - s.warmup_steps - s.anneal_steps
 
 
-def sft_config(model: str, shards: str | Path, run_dir: str | Path, overrides: list[str] = (),
-               domains: list[str] | None = None, epochs: float | None = None,
-               config: str | Path | None = None) -> TrainConfig:
-    config = config or SFT_CONFIG
+def load_sft_config(model: str, shards: str | Path, run_dir: str | Path, overrides: list[str] = (),
+                    config: str | Path | None = None) -> TrainConfig:
+    """The fine-tuning config as given (the shards are not read)."""
+    config = config or resources.recipe("sft.yaml")
     cfg = load_config(TrainConfig, config,
                       [f"model.name={model}", f"shards={shards}", f"run_dir={run_dir}", *overrides])
     if cfg.task != "sft":
         raise CPRecError(f"{config}: a fine-tuning config needs task: sft (it has task: {cfg.task})")
+    return cfg
+
+
+def sft_config(model: str, shards: str | Path, run_dir: str | Path, overrides: list[str] = (),
+               domains: list[str] | None = None, epochs: float | None = None,
+               config: str | Path | None = None) -> TrainConfig:
+    """The fine-tuning config, its mixture and schedule sized from the shards' fine-tuning streams."""
+    cfg = load_sft_config(model, shards, run_dir, overrides, config)
     if domains:
         cfg.mixture = sft_mixture(cfg.shards, domains)
     if epochs is not None:
@@ -83,6 +90,6 @@ def finetune(cfg: TrainConfig, resume: bool = False) -> tuple[dict, Path | None]
     if trainer.rank == 0 and trainer.step >= trainer.schedule.total_steps:
         run = Path(cfg.run_dir)
         tag = ckpt.latest_complete(run / "checkpoints")
-        hf = export(run / "checkpoints" / tag, run / "hf")
+        hf = export(run / "checkpoints" / tag, run / "hf", overwrite=True)  # its own export, redone on a resume
     trainer.torch.distributed.barrier()  # the caller ends the process group: DeepSpeed caches its groups,
     return last, hf                      # so another engine in this process must reuse it, not a new one

@@ -28,6 +28,7 @@ from pathlib import Path
 import yaml
 
 from cprec import checkpoint as ckpt
+from cprec import resources
 from cprec import schedule as wsa
 from cprec.config import load_config, parse_overrides, to_dict
 from cprec.errors import CPRecError
@@ -35,9 +36,7 @@ from cprec.data.shards import ShardSet
 from cprec.data.stream import default_mixture
 from cprec.schedule import ScheduleConfig
 
-REPO = Path(__file__).resolve().parents[1]
 KILL_IN_SAVE_ENV = "CPREC_TEST_KILL_IN_SAVE"  # test hook: "stepNNNNNNNN" kills the job during that save
-DS_CONFIGS = REPO / "ds_configs"
 TASKS = ("pretrain", "sft")  # which kind of packed stream the default mixture takes
 # dense bf16 peak FLOP/s per GPU, for MFU; unknown devices report no MFU
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
@@ -103,6 +102,11 @@ class TrainConfig:
                              f"{', '.join(wsa.PHASES)})")
         if self.global_batch < 1 or self.micro_batch < 1:
             raise CPRecError("global_batch and micro_batch must be at least 1")
+        if self.schedule.total_steps < 1:
+            raise CPRecError("the schedule has no steps (schedule.warmup_steps + stable_steps + anneal_steps = 0): "
+                             "nothing would be trained")
+        if self.max_steps is not None and self.max_steps < 0:
+            raise CPRecError(f"max_steps must be >= 0, got {self.max_steps}")
 
 
 # keys whose change does not change what a resumed run computes
@@ -137,9 +141,9 @@ def init_distributed():
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
     cuda = torch.cuda.is_available()
-    if "RANK" not in os.environ:  # a single process without a launcher
+    if "RANK" not in os.environ:  # a single process without a launcher: a free port, so that two can run
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29511"))
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
     if not cuda and "OMP_NUM_THREADS" not in os.environ:  # the deepspeed launcher does not set it
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
@@ -149,9 +153,17 @@ def init_distributed():
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), cuda
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def build_ds_config(cfg: TrainConfig, world: int, cuda: bool) -> dict:
     path = Path(cfg.deepspeed) if cfg.deepspeed != "auto" else \
-        DS_CONFIGS / ("zero3_bf16.json" if cuda else "zero3_fp32_cpu.json")
+        resources.ds_config("zero3_bf16.json" if cuda else "zero3_fp32_cpu.json")
     if not path.is_file():
         raise CPRecError(f"DeepSpeed config not found: {path}")
     ds = json.loads(path.read_text())
@@ -195,28 +207,33 @@ def build_model(cfg: TrainConfig, ds_config: dict, cuda: bool, rank: int):
     from transformers.integrations import HfDeepSpeedConfig
 
     from cprec import attention
-    from cprec.backbone import smollm2_folder
+    from cprec.backbone import SMOLLM2, smollm2_folder
 
     transformers.logging.set_verbosity_error()
     dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
     attn = attention.choose(cfg.model.attn, cuda)
+    folder = None
+    if cfg.model.config is None and cfg.model.name == SMOLLM2:
+        # converted from GGUF before the ZeRO-3 config below exists (under it every model transformers builds,
+        # the conversion's too, is partitioned and empty), once per node's cache; the other ranks wait
+        if int(os.environ.get("LOCAL_RANK", rank)) == 0:
+            smollm2_folder()
+        torch.distributed.barrier()
+        folder = smollm2_folder()
+    elif cfg.model.config is None:
+        folder = Path(cfg.model.name)
+        if not (folder / "config.json").is_file():
+            raise CPRecError(f"model.name={cfg.model.name}: not a Hugging Face model folder (no config.json)")
     keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841  (zero.Init while it lives)
     torch.manual_seed(cfg.seed)
-    if cfg.model.config is not None:
-        config = transformers.AutoConfig.for_model(**cfg.model.config)
+    if folder is None:
+        try:
+            config = transformers.AutoConfig.for_model(**cfg.model.config)
+        except (ValueError, KeyError) as exc:
+            raise CPRecError(f"model.config: transformers cannot build it ({exc})") from None
         config._attn_implementation = attn
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
-        folder = None
     else:
-        if cfg.model.name == "smollm2":
-            if rank == 0:
-                smollm2_folder()  # converts the GGUF file once; the other ranks wait at the barrier
-            torch.distributed.barrier()
-            folder = smollm2_folder()
-        else:
-            folder = Path(cfg.model.name)
-            if not (folder / "config.json").is_file():
-                raise CPRecError(f"model.name={cfg.model.name}: not a Hugging Face model folder (no config.json)")
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -225,6 +242,16 @@ def build_model(cfg: TrainConfig, ds_config: dict, cuda: bool, rank: int):
 
 
 # ---------------------------------------------------------------- the run
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # save at the next step boundary, then exit 0
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """In a DataLoader worker: a stop signal is for the trainer. `scancel` and pre-emption signal the whole
+    process group; a worker that died of it would take the step, and the save, down with it."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False, anneal_from: str | None = None,
@@ -252,17 +279,24 @@ class Trainer:
                              f"another run_dir")
         self.hash = config_hash(cfg)
         if self.rank == 0:
-            self.run.mkdir(parents=True, exist_ok=True)
-            removed = ckpt.remove_incomplete(self.ckpt_root)
+            with _writing(self.run):
+                self.run.mkdir(parents=True, exist_ok=True)
+                removed = ckpt.remove_incomplete(self.ckpt_root)
             if removed:
                 print(f"removed incomplete checkpoint(s) {', '.join(removed)} (interrupted saves)", flush=True)
         torch.distributed.barrier()
+        # everything that can refuse a resume is checked before anything of the run is written
+        resume_tag = self._resume_tag() if resume else None
+        if resume_tag is not None:
+            self._check_same_config(resume_tag)
 
         self.ds_config = build_ds_config(cfg, self.world, self.cuda)
         model, folder, self._hf_ds = build_model(cfg, self.ds_config, self.cuda, self.rank)
+        self._check_vocabulary(model.config.vocab_size)
         self.n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
         if self.rank == 0:
-            self._write_run_files(model, folder)
+            with _writing(self.run):
+                self._write_run_files(model, folder)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                                  config=self.ds_config)
         self.device = self.engine.device
@@ -271,12 +305,12 @@ class Trainer:
         self.stream = PackedStream(cfg.shards, self._mixture("warmup"), cfg.seed, cfg.global_batch, self.rank,
                                    self.world, phase=self._data_phase("warmup"))
         self.step = 0
-        if resume and (tag := ckpt.latest_complete(self.ckpt_root)) is not None:
-            self._resume(tag)
+        if resume_tag is not None:
+            self._resume(resume_tag)
         elif parent_state is not None:
             self._load_branch(anneal_from, parent_state)
         self._stop_signal = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
 
     # ---- configuration helpers
@@ -335,11 +369,24 @@ class Trainer:
     def save(self) -> str:
         tag = ckpt.tag_for(self.step)
         state = self._state()
-        self.engine.save_checkpoint(str(self.ckpt_root), tag=tag, client_state={"cprec": state}, save_latest=False)
+        try:
+            self.engine.save_checkpoint(str(self.ckpt_root), tag=tag, client_state={"cprec": state},
+                                        save_latest=False)
+        except (OSError, RuntimeError) as exc:  # torch reports a full disk as "enforce fail ... iostream error"
+            previous = ckpt.latest_complete(self.ckpt_root)
+            raise CPRecError(f"could not write checkpoint {self.ckpt_root / tag} ({str(exc).splitlines()[0]}): is "
+                             f"the disk full or the folder read-only? The previous complete checkpoint "
+                             f"({previous or 'none'}) is intact and the partial one is removed by the next start; "
+                             f"make room, then --resume") from None
         if os.environ.get(KILL_IN_SAVE_ENV) == tag:  # test hook: the job dies after writing, before the marker
             os.kill(os.getpid(), signal.SIGKILL)  # every rank reaches this point
         self.torch.distributed.barrier()
+        names = ckpt.checkpoint_files(self.ckpt_root / tag)
+        shares = [None] * self.world
+        self.torch.distributed.all_gather_object(
+            shares, ckpt.describe_files(self.ckpt_root / tag, names[self.rank::self.world]))
         if self.rank == 0:
+            state["files"] = {name: entry for share in shares for name, entry in share.items()}
             ckpt.mark_complete(self.ckpt_root, tag, state)
             every = self.cfg.checkpoint.branch_every
             ckpt.prune(self.ckpt_root, self.cfg.checkpoint.keep_last,
@@ -360,15 +407,47 @@ class Trainer:
         if path is None:
             raise CPRecError(f"DeepSpeed could not load {directory / tag}")
 
+    def _resume_tag(self) -> str | None:
+        """The newest complete checkpoint whose files check out against its marker (each rank checks a share
+        of the files); a damaged one is named and passed over for the one before it."""
+        tags = ckpt.complete_tags(self.ckpt_root)
+        latest = ckpt.latest_complete(self.ckpt_root)
+        order = ([latest] if latest else []) + [t for t in reversed(tags) if t != latest]
+        for tag in order:
+            names = ckpt.checkpoint_files(self.ckpt_root / tag)[self.rank::self.world]
+            found = [None] * self.world
+            self.torch.distributed.all_gather_object(found, ckpt.file_problems(self.ckpt_root / tag, names))
+            problems = [p for share in found for p in share]
+            if not problems:
+                return tag
+            if self.rank == 0:
+                print(f"checkpoint {tag} is damaged ({'; '.join(problems)}); falling back to the one before it",
+                      flush=True)
+        if order:
+            raise CPRecError(f"no intact checkpoint to resume in {self.ckpt_root}: every complete one is damaged")
+        return None
+
+    def _check_same_config(self, tag: str) -> None:
+        """Refuse a resume whose config computes something else, naming the changed keys."""
+        state = ckpt.read_state(self.ckpt_root / tag)
+        if state["config_hash"] == self.hash:
+            return
+        saved_cfg = yaml.safe_load((self.run / "config.yaml").read_text()) if \
+            (self.run / "config.yaml").is_file() else {}
+        diff = _differences({k: v for k, v in saved_cfg.items() if k not in _NON_SEMANTIC},
+                            {k: v for k, v in to_dict(self.cfg).items() if k not in _NON_SEMANTIC})
+        raise CPRecError(f"refusing to resume {self.run}: the config changed ({'; '.join(diff) or 'hash'}); "
+                         f"start a new run or an anneal branch instead")
+
+    def _check_vocabulary(self, model_vocab: int) -> None:
+        shards_vocab = ShardSet(self.cfg.shards).index["tokenizer"]["vocab_size"]
+        if shards_vocab > model_vocab:
+            raise CPRecError(f"{self.cfg.shards} was packed with a tokenizer of {shards_vocab:,} tokens, more than the "
+                             f"model's vocabulary ({model_vocab:,}): its token ids would index past the embeddings; "
+                             f"pack with the model's tokenizer")
+
     def _resume(self, tag: str) -> None:
         state = ckpt.read_state(self.ckpt_root / tag)
-        if state["config_hash"] != self.hash:
-            saved_cfg = yaml.safe_load((self.run / "config.yaml").read_text()) if \
-                (self.run / "config.yaml").is_file() else {}
-            diff = _differences({k: v for k, v in saved_cfg.items() if k not in _NON_SEMANTIC},
-                                {k: v for k, v in to_dict(self.cfg).items() if k not in _NON_SEMANTIC})
-            raise CPRecError(f"refusing to resume {self.run}: the config changed ({'; '.join(diff) or 'hash'}); "
-                             f"start a new run or an anneal branch instead")
         self._load_engine(self.ckpt_root, tag)
         self.lineage = state["lineage"]
         saved = state["stream"]
@@ -486,7 +565,8 @@ class Trainer:
             if loader_it is None:
                 loader_it = iter(torch.utils.data.DataLoader(
                     self.stream, batch_size=None, num_workers=cfg.loader_workers,
-                    prefetch_factor=4 if cfg.loader_workers else None, persistent_workers=False))
+                    prefetch_factor=4 if cfg.loader_workers else None, persistent_workers=False,
+                    worker_init_fn=_ignore_stop_signals if cfg.loader_workers else None))
             started = time.perf_counter()
             lr = wsa.lr(self.step, self.schedule)
             self._set_lr(lr)
@@ -551,7 +631,7 @@ class Trainer:
     def _log(self, record: dict, writer) -> None:
         if record["step"] % self.cfg.log_every and record["step"] != self.schedule.total_steps:
             return
-        with open(self.run / "metrics.jsonl", "a") as fh:
+        with _writing(self.run), open(self.run / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
         if writer is not None:
             for key in ("lr", "loss", "tokens_per_s", "grad_norm"):
@@ -559,6 +639,16 @@ class Trainer:
                     writer.add_scalar(key, record[key], record["step"])
             for name, value in record["loss_per_stream"].items():
                 writer.add_scalar(f"loss/{name}", value, record["step"])
+
+
+@contextlib.contextmanager
+def _writing(run: Path):
+    """Name the run directory when writing into it fails (a read-only or full disk), not a bare OSError."""
+    try:
+        yield
+    except OSError as exc:
+        raise CPRecError(f"cannot write the run directory {run}: {exc.strerror or exc} "
+                         f"({exc.filename or run}); choose a writable run_dir or make room") from None
 
 
 def _float(value) -> float | None:
@@ -613,22 +703,49 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--mixture", nargs="*", default=[], metavar="stream=weight", help="branch: its own mixture")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    return p.parse_intermixed_args(argv)
+    args = p.parse_intermixed_args(argv)
+    # `--mixture mixed=1 run_dir=R`: nargs='*' takes the override too; a config key (or a dotted one) is never a
+    # stream name, so those words go back to the overrides
+    keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    is_override = [w.partition("=")[0] in keys or "." in w.partition("=")[0] for w in args.mixture]
+    args.overrides = [w for w, o in zip(args.mixture, is_override) if o] + list(args.overrides)
+    args.mixture = [w for w, o in zip(args.mixture, is_override) if not o]
+    return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def parse_mixture(pairs: list[str]) -> dict[str, float]:
+    """`--mixture mixed=0.7 comedy=0.3` -> {"mixed": 0.7, "comedy": 0.3}."""
+    mixture = {}
+    for pair in pairs:
+        name, sep, weight = pair.partition("=")
+        try:
+            mixture[name] = float(weight)
+        except ValueError:
+            raise CPRecError(f"--mixture {pair}: expected stream=weight with a number as weight, "
+                             f"e.g. mixed=0.5") from None
+        if not sep or not name or not math.isfinite(mixture[name]) or mixture[name] < 0:
+            raise CPRecError(f"--mixture {pair}: expected stream=weight with a weight >= 0, e.g. mixed=0.5")
+    return mixture
+
+
+def train_config(args) -> TrainConfig:
+    """The run's config from parsed arguments: the --config file, or without one the saved config of the run
+    being resumed (or of a branch's parent); then the overrides."""
     base = None
-    if not args.config:  # a branch inherits its parent's resolved config, a resumed run its own
+    if not args.config:
         run_dir = parse_overrides(args.overrides).get("run_dir")
         saved = Path(args.anneal_from).parent.parent / "config.yaml" if args.anneal_from else \
             (Path(run_dir) / "config.yaml" if args.resume and run_dir else None)
         base = yaml.safe_load(saved.read_text()) if saved is not None and saved.is_file() else None
-    cfg = load_config(TrainConfig, args.config, args.overrides, base=base)
-    mixture = {}
-    for pair in args.mixture:
-        name, _, weight = pair.partition("=")
-        mixture[name] = float(weight)
+        if base is not None:
+            base.pop("max_steps", None)  # a limit of the process that saved it, not of the run
+    return load_config(TrainConfig, args.config, args.overrides, base=base)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = train_config(args)
+    mixture = parse_mixture(args.mixture)
     trainer = Trainer(cfg, resume=args.resume, anneal_from=args.anneal_from, anneal_steps=args.anneal_steps,
                       anneal_mixture=mixture or None, anneal_shape=args.anneal_shape)
     last = trainer.fit()

@@ -46,6 +46,11 @@ class EvalConfig:
     def validate(self) -> None:
         if self.protocol not in PROTOCOLS:
             raise CPRecError(f"protocol must be one of {', '.join(PROTOCOLS)}, got '{self.protocol}'")
+        if self.users is not None and self.users < 1:
+            raise CPRecError(f"users must be at least 1 (or left out for every test user), got {self.users}")
+        for name in ("negatives", "beam", "batch_size"):
+            if getattr(self, name) < 1:
+                raise CPRecError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -64,6 +69,10 @@ def load_model(spec: str):
     folder = smollm2_folder() if spec == "smollm2" else Path(spec)
     if not (folder / "config.json").is_file():
         raise CPRecError(f"--model {spec}: not a Hugging Face model folder (no config.json) nor 'smollm2'")
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        raise CPRecError(f"--model {spec}: the folder has no tokenizer (tokenizer.json); evaluation renders text, "
+                         f"so copy the backbone's tokenizer files into it (an export takes them from the run's "
+                         f"model/ folder, which has none when the run trained a model built from model.config)")
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     return model, transformers.AutoTokenizer.from_pretrained(folder)
 
@@ -118,6 +127,9 @@ def sampled_candidates(ds: Downstream, cfg: EvalConfig, out: Path, reuse: Path |
 def downstream_domains(prepared: Path, cfg: EvalConfig) -> tuple[dict, list[str]]:
     manifest = read_manifest(prepared)
     domains = cfg.domains or manifest["domains"]["downstream"]
+    if not domains:
+        raise CPRecError(f"{prepared} has no downstream domain to evaluate on: prepare it with "
+                         f"downstream_domains='[...]' (held-out domains get leave-one-out splits)")
     unknown = [d for d in domains if d not in manifest["domains"]["downstream"]]
     if unknown:
         raise CPRecError(f"'{unknown[0]}' is not a downstream domain of {prepared} "
