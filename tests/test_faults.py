@@ -9,6 +9,73 @@ from __future__ import annotations
 
 # ================================================================ prepare: readers, inputs and configs
 # (section A)
+import pytest
+
+
+def prep_write(path, data: bytes):
+    """Write bytes to `path`, gzip-compressed when its name ends in .gz; return the path."""
+    import gzip
+
+    if path.suffix == ".gz":
+        with gzip.open(path, "wb") as fh:
+            fh.write(data)
+    else:
+        path.write_bytes(data)
+    return path
+
+
+def prep_read(source, tmp_path):
+    """(items, interactions, rejects) of a reader; rows without their file and line."""
+    import json
+
+    from cprec.data.rejects import RejectLog
+
+    log = RejectLog(tmp_path / "rejects.jsonl")
+    items = [row[2:] for row in source.items(log)]
+    inter = [row[2:] for row in source.interactions(log)]
+    log.close()
+    rejects = [json.loads(line) for line in (tmp_path / "rejects.jsonl").read_text().splitlines()]
+    return items, inter, rejects
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+def test_csv_reader_parses_rfc4180_quoting_bom_and_crlf(tmp_path, suffix):
+    """Fault: a quoted title holding a newline was cut and its rest became a phantom item; a BOM broke the header."""
+    from cprec.data.readers import TableSource
+
+    items = prep_write(tmp_path / f"items.csv{suffix}", (
+        '\ufeffitem,title\r\n'
+        'i1,"Dune,\r\nDeluxe Edition"\r\n'  # lines 2-3: a quoted comma and a CRLF inside quotes
+        'i2,"The ""Best"" of Emma"\r\n'  # line 4: doubled quotes
+        'i3,"Portal\n2"\r\n').encode("utf-8"))  # lines 5-6: a bare LF inside quotes
+    inter = prep_write(tmp_path / f"inter.csv{suffix}", (
+        '\ufeffuser,item,timestamp,domain\r\n'
+        'u1,i1,100,"Books, used"\r\n'
+        'u1,i2,90,Books\r\n').encode("utf-8"))
+    items_read, inter_read, rejects = prep_read(TableSource("csv", inter, items), tmp_path)
+    assert items_read == [("i1", "Dune,\r\nDeluxe Edition", None), ("i2", 'The "Best" of Emma', None),
+                          ("i3", "Portal\n2", None)]
+    assert inter_read == [("u1", "i1", 100.0, "Books, used"), ("u1", "i2", 90.0, "Books")]
+    assert rejects == []
+
+
+def test_csv_rejects_name_the_line_where_the_record_starts(tmp_path):
+    from cprec.data.readers import TableSource
+
+    items = prep_write(tmp_path / "items.csv", (
+        b'item,title\n'
+        b'i1,"One\nline two"\n'  # lines 2-3
+        b',"no id\nat all"\n'  # lines 4-5: no item id
+        b'i2,Two\n'  # line 6
+        b'i3,Caf\xe9\n'))  # line 7: Latin-1, not UTF-8
+    inter = prep_write(tmp_path / "inter.csv", b'user,item,timestamp,domain\nu1,i1,soon,Books\n')
+    items_read, inter_read, rejects = prep_read(TableSource("csv", inter, items), tmp_path)
+    assert items_read == [("i1", "One\nline two", None), ("i2", "Two", None)]
+    assert inter_read == []
+    assert [(r["file"], r["line"], r["reason"].split(" (")[0]) for r in rejects] == [
+        (str(items), 4, "missing field 'item'"), (str(items), 7, "bad UTF-8"),
+        (str(inter), 2, "missing or non-numeric timestamp")]
+
 
 
 

@@ -1,7 +1,7 @@
 """Readers of raw interaction logs and item metadata, one class per public format.
 
-Every reader streams its files line by line (gzip-compressed files too) and never holds a raw file in
-memory. It yields plain tuples, which keeps reading a ten-million-row log fast:
+Every reader streams its files line by line, or record by record for CSV (gzip-compressed files too), and
+never holds a raw file in memory. It yields plain tuples, which keeps reading a ten-million-row log fast:
 
 * `items()`        -> (file, line, item_key, raw_title, domain or None)
 * `interactions()` -> (file, line, user, item_key, timestamp, domain or None)
@@ -13,9 +13,11 @@ item table (unknown items) are made by the prepare stage.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import importlib.metadata
+import io
 import json
 import math
 import re
@@ -37,20 +39,28 @@ def _open_binary(path: Path):
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
+@contextlib.contextmanager
+def _stream(path: Path, desc: str | None):
+    """The file's bytes (gunzipped) and a function that moves a progress bar to the position on disk."""
+    raw_size = path.stat().st_size if path.is_file() else 0
+    with _open_binary(path) as fh, tqdm(total=raw_size, unit="B", unit_scale=True, desc=desc or path.name,
+                                         leave=False, mininterval=1.0) as bar:
+        disk = fh.fileobj if isinstance(fh, gzip.GzipFile) else fh  # progress in on-disk bytes
+
+        def advance() -> None:
+            bar.update(disk.tell() - bar.n)
+
+        yield fh, advance
+
+
 def iter_lines(path: Path, log: RejectLog, desc: str | None = None) -> Iterator[tuple[int, str]]:
     """Yield (line number, text) for every non-empty line; bad UTF-8 goes to the rejects log."""
     name = str(path)
-    raw_size = path.stat().st_size if path.is_file() else 0
     rows = 0
-    with _open_binary(path) as fh, tqdm(total=raw_size, unit="B", unit_scale=True, desc=desc or path.name,
-                                         leave=False, mininterval=1.0) as bar:
-        raw = fh.fileobj if isinstance(fh, gzip.GzipFile) else fh  # progress in on-disk bytes
-        last = 0
+    with _stream(path, desc) as (fh, advance):
         for lineno, line in enumerate(fh, start=1):
             if lineno % 65536 == 0:
-                pos = raw.tell()
-                bar.update(pos - last)
-                last = pos
+                advance()
             line = line.rstrip(b"\r\n")
             if not line.strip():
                 continue
@@ -62,6 +72,52 @@ def iter_lines(path: Path, log: RejectLog, desc: str | None = None) -> Iterator[
                 continue
             yield lineno, text
     log.count_read(name, rows)
+
+
+def iter_csv(path: Path, log: RejectLog, desc: str | None = None) -> Iterator[tuple[int, list[str]]]:
+    """Yield (line where the record starts, fields) for every non-blank CSV record.
+
+    Records follow RFC 4180 (the `csv` module's default dialect): a quoted field may hold commas, doubled
+    quotes and line breaks, so one record may span several lines; line ends may be LF or CRLF. The file is
+    UTF-8, with or without a byte-order mark. A record with bytes that are not UTF-8 goes to the rejects log.
+    """
+    name = str(path)
+    rows = 0
+    with _stream(path, desc) as (fh, advance):
+        # surrogateescape keeps undecodable bytes in the text, so one bad record is rejected, not the file
+        text = io.TextIOWrapper(fh, encoding="utf-8-sig", errors="surrogateescape", newline="")
+        reader = csv.reader(text)
+        start = 1  # the physical line where the next record starts: one past the end of the previous one
+        try:
+            for count, fields in enumerate(reader, start=1):
+                lineno, start = start, reader.line_num + 1
+                if count % 65536 == 0:
+                    advance()
+                if not fields or (len(fields) == 1 and not fields[0].strip()):  # a blank line, as iter_lines
+                    continue
+                rows += 1
+                reason = _bad_utf8(fields)
+                if reason:
+                    log.reject(name, lineno, reason, ",".join(fields).encode("utf-8", "surrogateescape"))
+                    continue
+                yield lineno, fields
+        except csv.Error as exc:
+            raise CPRecError(f"{path}: malformed CSV in the record starting at line {start} ({exc}); a quoted "
+                             f"field probably lacks its closing quote") from None
+    log.count_read(name, rows)
+
+
+def _bad_utf8(fields: list[str]) -> str | None:
+    """Why a record read with surrogateescape is not UTF-8, or None when it is."""
+    for k, field in enumerate(fields, start=1):
+        try:
+            field.encode("utf-8")
+        except UnicodeEncodeError:
+            try:
+                field.encode("utf-8", "surrogateescape").decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return f"bad UTF-8 ({exc.reason} at byte {exc.start} of field {k})"
+    return None
 
 
 def parse_timestamp(value) -> float | None:
@@ -239,7 +295,10 @@ class AmazonReviews:
 
 
 class TableSource:
-    """Plain tables: interactions `user,item,timestamp,domain` and items `item,title` (CSV or Parquet)."""
+    """Plain tables: interactions `user,item,timestamp,domain` and items `item,title` (CSV or Parquet).
+
+    CSV is read by `iter_csv`: RFC 4180 quoting, UTF-8 with or without a byte-order mark, gzipped or not.
+    """
 
     INTER_COLS = ["user", "item", "timestamp", "domain"]
     ITEM_COLS = ["item", "title"]
@@ -258,8 +317,7 @@ class TableSource:
 
     def _csv_rows(self, path: Path, log: RejectLog, wanted: list[str]):
         cols = None
-        for lineno, text in iter_lines(path, log):
-            fields = next(csv.reader([text]))
+        for lineno, fields in iter_csv(path, log):
             if cols is None:
                 missing = [w for w in wanted if w not in fields]
                 if missing:
@@ -267,6 +325,7 @@ class TableSource:
                 cols = [fields.index(w) for w in wanted]
                 log.count_read(str(path), -1)
                 continue
+            text = ",".join(fields)  # the record as the rejects log's excerpt
             if len(fields) <= max(cols):
                 log.reject(str(path), lineno, f"expected {max(cols) + 1} or more fields, got {len(fields)}", text)
                 continue
