@@ -79,6 +79,25 @@ def test_csv_rejects_name_the_line_where_the_record_starts(tmp_path):
 
 
 
+def test_amazon_review_file_without_its_meta_file_is_named(fixtures, tmp_path):
+    """Fault: a reviews file without its meta file was skipped silently and its domain disappeared."""
+    import shutil
+
+    from cprec.data.readers import AmazonReviews
+    from cprec.errors import CPRecError
+
+    folder = tmp_path / "amazon"
+    shutil.copytree(fixtures / "amazon2018", folder)
+    (folder / "Toys_and_Games.json").write_text((fixtures / "amazon2018" / "Books.json").read_text())
+    with pytest.raises(CPRecError, match=r"Toys_and_Games\.json: no meta file meta_Toys_and_Games\.json"):
+        AmazonReviews.discover(folder)
+    assert sorted(AmazonReviews.discover(folder, given={"Toys_and_Games"})) == ["Books", "Movies_and_TV"]
+    (folder / "Toys_and_Games.json").unlink()
+    (folder / "meta_Books.json").rename(folder / "meta_Toys_and_Games.json")  # now both are unpaired
+    with pytest.raises(CPRecError, match=r"Books\.json: no meta file meta_Books\.json"):
+        AmazonReviews.discover(folder)
+
+
 # ================================================================ pack, shards and inspect
 # (section B)
 

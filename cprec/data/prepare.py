@@ -93,7 +93,7 @@ def make_source(cfg: PrepareConfig):
     if cfg.source in ("amazon2018", "amazon2023"):
         pairs = {d: tuple(p) for d, p in cfg.input.pairs.items()}
         if cfg.input.path:
-            pairs = {**AmazonReviews.discover(cfg.input.path), **pairs}
+            pairs = {**AmazonReviews.discover(cfg.input.path, given=set(pairs)), **pairs}
         for domain, files in pairs.items():
             if len(files) != 2:
                 raise CPRecError(f"input.pairs.{domain} must be [reviews, meta], got {list(files)}")

@@ -233,8 +233,12 @@ class AmazonReviews:
                     raise CPRecError(f"input file not found: {path}")
 
     @staticmethod
-    def discover(directory: str | Path) -> dict[str, tuple[str, str]]:
-        """Pair `meta_X.json[l][.gz]` with `X.json[l][.gz]` (or `X_5...`, the 5-core files) in a directory."""
+    def discover(directory: str | Path, given=()) -> dict[str, tuple[str, str]]:
+        """Pair `meta_X.json[l][.gz]` with `X.json[l][.gz]` (or `X_5...`, the 5-core files) in a directory.
+
+        A file of either kind without its partner is an error naming it: skipping it would drop its domain.
+        Domains in `given` are paired by the caller (input.pairs), so their files here need no partner.
+        """
         directory = Path(directory)
         if not directory.is_dir():
             raise CPRecError(f"input directory not found: {directory}")
@@ -244,15 +248,25 @@ class AmazonReviews:
             match = pattern.match(path.name)
             if match:
                 files[match.group("name")] = path
-        pairs = {}
+        pairs, unpaired = {}, []
         for name, meta in files.items():
             if not name.startswith("meta_"):
                 continue
             domain = name[len("meta_"):]
             reviews = files.get(domain) or files.get(domain + "_5")
-            if reviews is None:
-                raise CPRecError(f"{meta}: no review file {domain}.json[l][.gz] beside it in {directory}")
-            pairs[domain] = (str(reviews), str(meta))
+            if reviews is None and domain not in given:
+                unpaired.append(f"{meta}: no reviews file {domain}.json[l][.gz] or {domain}_5.json[l][.gz]")
+            elif reviews is not None:
+                pairs[domain] = (str(reviews), str(meta))
+        for name, reviews in files.items():
+            if name.startswith("meta_"):
+                continue
+            domain = name[:-len("_5")] if name.endswith("_5") else name
+            if not ({f"meta_{domain}", f"meta_{name}"} & set(files) or {domain, name} & set(given)):
+                unpaired.append(f"{reviews}: no meta file meta_{domain}.json[l][.gz]")
+        if unpaired:
+            raise CPRecError(f"unpaired file(s) in {directory}: {'; '.join(unpaired)}. Every domain needs its "
+                             f"reviews and its meta file: add the missing one or move the unpaired file away")
         if not pairs:
             raise CPRecError(f"no meta_<Domain>.json[l][.gz] files in {directory}")
         return pairs
