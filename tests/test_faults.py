@@ -98,6 +98,47 @@ def test_amazon_review_file_without_its_meta_file_is_named(fixtures, tmp_path):
         AmazonReviews.discover(folder)
 
 
+def prep_amazon2023(folder, reviews: dict):
+    """An Amazon 2023 directory: {domain: [(user, item, timestamp), ...]}, one title per item."""
+    import json
+
+    folder.mkdir()
+    for domain, rows in reviews.items():
+        (folder / f"{domain}.jsonl").write_text("".join(
+            json.dumps({"user_id": u, "parent_asin": i, "timestamp": t}) + "\n" for u, i, t in rows))
+        (folder / f"meta_{domain}.jsonl").write_text("".join(
+            json.dumps({"parent_asin": i, "title": f"Title {i}"}) + "\n" for i in sorted({i for _, i, _ in rows})))
+    return folder
+
+
+def test_timestamps_in_seconds_and_milliseconds_are_put_in_one_order(tmp_path):
+    """Fault: one domain in seconds and another in milliseconds reordered every mixed sequence silently."""
+    import json
+
+    from cprec.config import from_dict
+    from cprec.data import template
+    from cprec.data.prepare import PrepareConfig, prepare
+    from cprec.errors import CPRecError
+
+    folder = prep_amazon2023(tmp_path / "amazon", {
+        "Books": [("u1", "b1", 1_000_000_000), ("u1", "b2", 1_600_000_000)],  # 2001 and 2020, in seconds
+        "Toys": [("u1", "t1", 1_500_000_000_000)]})  # 2017, in milliseconds
+    cfg = from_dict(PrepareConfig, {"source": "amazon2023", "input": {"path": str(folder)}, "k_core": 1,
+                                    "pretrain_domains": ["Books", "Toys"], "downstream_domains": []})
+    manifest = prepare(cfg, tmp_path / "out")
+    mixed = (tmp_path / "out" / "documents" / "mixed.jsonl").read_text()
+    _, lines = template.parse_document(json.loads(mixed)["text"])
+    assert [title for _, title in lines] == ["Title b1", "Title t1", "Title b2"]
+    assert manifest["source"]["timestamp_units"] == {str(folder / "Books.jsonl"): "s",
+                                                     str(folder / "Toys.jsonl"): "ms"}
+
+    with open(folder / "Books.jsonl", "a") as fh:  # line 3: a millisecond stamp among seconds
+        fh.write('{"user_id": "u2", "parent_asin": "b1", "timestamp": 1600000000000}\n')
+    with pytest.raises(CPRecError, match=r"Books\.jsonl: timestamps mix units: line 1 has 1000000000 "
+                                         r"\(seconds\) and line 3 has 1600000000000 \(milliseconds"):
+        prepare(cfg, tmp_path / "out2")
+
+
 # ================================================================ pack, shards and inspect
 # (section B)
 

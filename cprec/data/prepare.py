@@ -2,7 +2,8 @@
 
 Output directory (written under `<out>.partial` and renamed when complete):
 
-    manifest.json                 source, resolved config, template version, domains, counts, percentiles
+    manifest.json                 source (files, each interaction file's timestamp unit), resolved config,
+                                  template version, domains, counts, percentiles
     rejects.jsonl                 every unusable input row: file, line, reason, excerpt
     items.jsonl                   kept items: domain, title, source id, interactions
     documents/<stream>.jsonl      pre-training documents {stream, user, text, prompt_chars}; one stream per
@@ -184,10 +185,11 @@ def _read_items(source, cfg: PrepareConfig, log: RejectLog, filtered: collection
     return table
 
 
-def _read_interactions(source, table: dict, wanted: set | None, log: RejectLog,
-                       filtered: collections.Counter, raw_domain_counts: collections.Counter) -> _Log:
+def _read_interactions(source, table: dict, wanted: set | None, log: RejectLog, filtered: collections.Counter,
+                       raw_domain_counts: collections.Counter, units: cleaning.TimestampUnits) -> _Log:
     data = _Log()
     for file, line, user, item, stamp, domain in source.interactions(log):
+        units.see(file, line, stamp, len(data.users))
         entry = table.get(item)
         if entry is None:
             log.reject(file, line, f"unknown item '{item}' (not in the item table)", f"user={user} item={item}")
@@ -358,6 +360,7 @@ def prepare(cfg: PrepareConfig, out: str | Path, overwrite: bool = False) -> dic
     log = RejectLog(tmp / "rejects.jsonl")
     filtered: collections.Counter = collections.Counter()
     raw_counts: collections.Counter = collections.Counter()
+    units = cleaning.TimestampUnits()
     try:
         table = _read_items(source, cfg, log, filtered)
         wanted = None
@@ -366,10 +369,11 @@ def prepare(cfg: PrepareConfig, out: str | Path, overwrite: bool = False) -> dic
         elif cfg.source == "movielens-1m":
             wanted = set(cfg.pretrain_domains or MOVIELENS_PRETRAIN) | set(cfg.downstream_domains or
                                                                              MOVIELENS_DOWNSTREAM)
-        data = _read_interactions(source, table, wanted, log, filtered, raw_counts)
+        data = _read_interactions(source, table, wanted, log, filtered, raw_counts, units)
     finally:
         log.close()
     del table
+    units.to_seconds(np.frombuffer(data.stamps, dtype=np.float64))  # a view: scales the log in place
     log.check(cfg.max_reject_fraction)
     pretrain, downstream = _resolve_domains(cfg, source, raw_counts)
     if wanted is None:  # the domain lists were resolved only now: drop the unused domains
@@ -395,7 +399,7 @@ def prepare(cfg: PrepareConfig, out: str | Path, overwrite: bool = False) -> dic
     _write_items(tmp / "items.jsonl", data, items)
     manifest = {
         "stage": "prepare", "cprec_version": __version__, "template_version": template.TEMPLATE_VERSION,
-        "source": {"name": cfg.source, "files": source.files()},
+        "source": {"name": cfg.source, "files": source.files(), "timestamp_units": units.units()},
         "config": to_dict(cfg), "budget": budget.describe(),
         "domains": {"pretrain": pretrain, "downstream": downstream,
                     "streams": {d: stream_name(d) for d in pretrain + downstream}, "mixed_stream": MIXED_STREAM},

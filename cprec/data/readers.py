@@ -209,8 +209,8 @@ class MovieLens1M:
 class AmazonReviews:
     """Amazon Reviews JSON lines: one (reviews, meta) file pair per domain, gzipped or not.
 
-    The 2018 and 2023 releases differ only in field names (and 2023 timestamps are in milliseconds, which
-    is kept: only the order matters).
+    The 2018 and 2023 releases differ only in field names (and 2023 timestamps are in milliseconds: they are
+    yielded as they are, and the prepare stage turns every file's timestamps into seconds).
     """
 
     SCHEMAS = {
