@@ -100,6 +100,21 @@ def to_dict(obj: Any) -> dict:
     return dataclasses.asdict(obj)
 
 
+def _yaml_error(where: str, exc: yaml.YAMLError, of: str = "") -> str:
+    """`where`: not valid YAML at line L, column C `of`: what the parser found (and the construct it was in)."""
+    mark, context_mark = getattr(exc, "problem_mark", None), getattr(exc, "context_mark", None)
+    text = f"{where}: not valid YAML"
+    if mark is not None:
+        text += f" at line {mark.line + 1}, column {mark.column + 1}{of}"
+    text += f": {getattr(exc, 'problem', None) or exc}"
+    if getattr(exc, "context", None):
+        text += f" ({exc.context}"
+        if context_mark is not None:
+            text += f" started at line {context_mark.line + 1}, column {context_mark.column + 1}"
+        text += ")"
+    return text
+
+
 def parse_overrides(pairs: list[str]) -> dict:
     """Turn ['a.b=3', 'c=[x, y]'] into a nested dict; values are parsed as YAML scalars or lists."""
     out: dict = {}
@@ -111,7 +126,11 @@ def parse_overrides(pairs: list[str]) -> dict:
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(_yaml_error(f"override '{pair}'", exc, " of the value") + "; the value is read as "
+                              "YAML: fix it, or quote it (in a shell: key='\"a: b\"')") from None
     return out
 
 
@@ -134,7 +153,10 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(_yaml_error(str(path), exc) + "; fix the file") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
         data = deep_merge(data, loaded)

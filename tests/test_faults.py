@@ -172,6 +172,26 @@ def test_damaged_or_fake_gzip_input_is_named_with_the_line_reached(fixtures, tmp
                  f"input.items={items}", "downstream_domains=[]"]) == 2
 
 
+def test_malformed_yaml_in_a_config_file_or_override_is_named(tmp_path, capsys):
+    """Fault: a YAML syntax error in --config or in a key=value override ended in a bare yaml traceback."""
+    from cprec.cli import main
+    from cprec.config import ConfigError, load_config
+    from cprec.data.prepare import PrepareConfig
+
+    config = tmp_path / "prepare.yaml"
+    config.write_text("source: synthetic\ndownstream_domains: [Games\nk_core: 3\n")
+    with pytest.raises(ConfigError, match=r"prepare\.yaml: not valid YAML at line 3, column 7: expected ',' or "
+                                          r"'\]', but got ':' \(while parsing a flow sequence started at line 2, "
+                                          r"column 21\)"):
+        load_config(PrepareConfig, config)
+    with pytest.raises(ConfigError, match=r"override 'downstream_domains=\[Games': not valid YAML .*expected "
+                                          r"',' or '\]'.*quote"):
+        load_config(PrepareConfig, None, ["k_core=3", "downstream_domains=[Games"])
+    assert main(["prepare", "--out", str(tmp_path / "out"), "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cprec prepare: error: ") and "prepare.yaml" in err and len(err.splitlines()) == 1
+
+
 # ================================================================ pack, shards and inspect
 # (section B)
 
