@@ -116,22 +116,44 @@ def _yaml_error(where: str, exc: yaml.YAMLError, of: str = "") -> str:
 
 
 def parse_overrides(pairs: list[str]) -> dict:
-    """Turn ['a.b=3', 'c=[x, y]'] into a nested dict; values are parsed as YAML scalars or lists."""
+    """Turn ['a.b=3', 'c=[x, y]'] into a nested dict; values are parsed as YAML scalars or lists.
+
+    A later override of the same key wins. Overrides that make a key both a value and a mapping (`input=x`
+    with `input.items=y`, in either order) clash: an error naming both, as neither can win.
+    """
     out: dict = {}
+    setters: dict[tuple, str] = {}  # key path -> the override that set it, to name both sides of a clash
     for pair in pairs:
         if "=" not in pair:
             raise ConfigError(f"override '{pair}' must look like key=value")
         key, raw = pair.split("=", 1)
+        path = tuple(key.strip().split("."))
+        value = _override_value(pair, raw)
         node = out
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        try:
-            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as exc:
-            raise ConfigError(_yaml_error(f"override '{pair}'", exc, " of the value") + "; the value is read as "
-                              "YAML: fix it, or quote it (in a shell: key='\"a: b\"')") from None
+        for depth in range(1, len(path)):
+            node = node.setdefault(path[depth - 1], {})
+            if not isinstance(node, dict):  # set to a value by an earlier override, or inside one's mapping
+                earlier = next(setters[path[:d]] for d in range(depth, 0, -1) if path[:d] in setters)
+                raise _clash(earlier, pair, path[:depth])
+        if isinstance(node.get(path[-1]), dict) and not isinstance(value, dict):
+            earlier = next(p for k, p in setters.items() if k[:len(path)] == path)
+            raise _clash(earlier, pair, path)
+        node[path[-1]] = value
+        setters[path] = pair
     return out
+
+
+def _override_value(pair: str, raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(_yaml_error(f"override '{pair}'", exc, " of the value") + "; the value is read as "
+                          "YAML: fix it, or quote it (in a shell: key='\"a: b\"')") from None
+
+
+def _clash(earlier: str, later: str, path: tuple) -> ConfigError:
+    return ConfigError(f"overrides '{earlier}' and '{later}' clash: one gives '{'.'.join(path)}' a value, the other "
+                       f"a key under it; keep one of them")
 
 
 def deep_merge(base: dict, extra: dict) -> dict:

@@ -192,6 +192,23 @@ def test_malformed_yaml_in_a_config_file_or_override_is_named(tmp_path, capsys):
     assert err.startswith("cprec prepare: error: ") and "prepare.yaml" in err and len(err.splitlines()) == 1
 
 
+def test_override_of_a_key_and_of_a_key_under_it_is_a_clear_clash(tmp_path, capsys):
+    """Fault: `input=x input.items=y` ended in a TypeError traceback (and the reverse order hid one of them)."""
+    from cprec.cli import main
+    from cprec.config import ConfigError, parse_overrides
+
+    with pytest.raises(ConfigError, match=r"overrides 'input=x' and 'input\.items=y' clash: .*'input'"):
+        parse_overrides(["input=x", "input.items=y"])
+    with pytest.raises(ConfigError, match=r"overrides 'input\.items=y' and 'input=x' clash: .*'input'"):
+        parse_overrides(["input.items=y", "k_core=3", "input=x"])
+    with pytest.raises(ConfigError, match=r"overrides 'input=\{path: a\}' and 'input\.path\.deep=1' clash"):
+        parse_overrides(["input={path: a}", "input.path.deep=1"])
+    assert parse_overrides(["k_core=3", "input.items=y", "input={path: a}", "input.path=b", "k_core=4"]) == {
+        "k_core": 4, "input": {"path": "b"}}  # later wins, as before, where nothing clashes
+    assert main(["prepare", "--out", str(tmp_path / "out"), "--source", "csv", "input=x", "input.items=y"]) == 2
+    assert "clash" in capsys.readouterr().err
+
+
 # ================================================================ pack, shards and inspect
 # (section B)
 
