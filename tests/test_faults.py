@@ -209,6 +209,21 @@ def test_override_of_a_key_and_of_a_key_under_it_is_a_clear_clash(tmp_path, caps
     assert "clash" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_prepare_into_an_existing_file_fails_before_any_work(tmp_path, overwrite):
+    """Fault: --out FILE --overwrite failed only after all the work, leaving FILE.partial behind."""
+    from cprec.config import from_dict
+    from cprec.data.prepare import PrepareConfig, prepare
+    from cprec.errors import CPRecError
+
+    out = tmp_path / "notes.txt"
+    out.write_text("keep me")
+    cfg = from_dict(PrepareConfig, {"source": "synthetic", "synthetic": {"users": 50}, "k_core": 2})
+    with pytest.raises(CPRecError, match=r"notes\.txt exists and is not a directory; choose another --out"):
+        prepare(cfg, out, overwrite=overwrite)
+    assert out.read_text() == "keep me" and not (tmp_path / "notes.txt.partial").exists()
+
+
 # ================================================================ pack, shards and inspect
 # (section B)
 

@@ -348,8 +348,7 @@ def _emit_split(files, stream, user, domain, seq, cfg, budget, counts) -> None:
 def prepare(cfg: PrepareConfig, out: str | Path, overwrite: bool = False) -> dict:
     """Run the prepare stage into `out`; return the manifest."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise CPRecError(f"output directory {out} exists; pass --overwrite to replace it")
+    _check_output(out, overwrite)
     source = make_source(cfg)
     budget = Budget(cfg)
     tmp = out.with_name(out.name + ".partial")
@@ -414,6 +413,18 @@ def prepare(cfg: PrepareConfig, out: str | Path, overwrite: bool = False) -> dic
     tmp.rename(out)
     manifest["seconds"] = round(time.perf_counter() - started, 2)  # reported, never written: outputs stay byte-identical
     return manifest
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    """Refuse an output path that cannot take the result now, before any work is done."""
+    if out.exists() and not out.is_dir():
+        raise CPRecError(f"output path {out} exists and is not a directory; choose another --out (prepare writes "
+                         f"a directory) or remove the file")
+    if out.exists() and not overwrite:
+        raise CPRecError(f"output directory {out} exists; pass --overwrite to replace it")
+    above = next(p for p in out.parents if p.exists())
+    if not above.is_dir():
+        raise CPRecError(f"output path {out}: {above} is a file, not a directory; choose another --out")
 
 
 def _drop_unused_domains(data: _Log, wanted: set, filtered: collections.Counter) -> None:
