@@ -3,11 +3,16 @@
 Every stage's config is a dataclass. Loading checks every key against the dataclass: an unknown key or a
 value of the wrong type is an error naming the key path and the file, so a typo never silently falls back
 to a default.
+
+A float key also takes a decimal number written as a string, such as `1e-4`, `3E-5` or `.5e-3`: YAML 1.1
+(PyYAML) reads an exponent without a dot as a string, so `schedule.peak_lr=1e-4` would otherwise be
+refused. Only float keys do this, and only for plain decimals (not `nan` or `inf`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -20,12 +25,16 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the key and where it came from."""
 
 
+_DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")  # what a float key takes as a string
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
 def _coerce(value: Any, tp: Any, key: str, origin: str) -> Any:
-    """Check `value` against the annotation `tp`, converting only where it is lossless (int -> float)."""
+    """Check `value` against the annotation `tp`, converting only where it is lossless (int -> float) or a float
+    key's value is a decimal string (see the module docstring)."""
     org = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
@@ -58,6 +67,8 @@ def _coerce(value: Any, tp: Any, key: str, origin: str) -> Any:
         return {_coerce(k, k_tp, f"{key}.<key>", origin): _coerce(v, v_tp, f"{key}.{k}", origin)
                 for k, v in value.items()}
     if tp is float:
+        if isinstance(value, str) and _DECIMAL.fullmatch(value):
+            return float(value)  # 1e-4: YAML 1.1 reads an exponent without a dot as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{origin}: '{key}' must be a number, got {value!r}")
         return float(value)

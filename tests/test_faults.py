@@ -224,6 +224,33 @@ def test_prepare_into_an_existing_file_fails_before_any_work(tmp_path, overwrite
     assert out.read_text() == "keep me" and not (tmp_path / "notes.txt.partial").exists()
 
 
+def test_float_keys_accept_exponent_strings_that_yaml_leaves_as_text(tmp_path):
+    """Fault: the README's `schedule.peak_lr=1e-4` was refused: YAML 1.1 reads 1e-4 (no dot) as a string."""
+    import dataclasses
+
+    from cprec.config import ConfigError, load_config
+    from cprec.schedule import ScheduleConfig
+
+    run = dataclasses.make_dataclass("Run", [
+        ("schedule", ScheduleConfig, dataclasses.field(default_factory=ScheduleConfig)),
+        ("weights", list[float], dataclasses.field(default_factory=list))])
+    cfg = load_config(run, None, ["schedule.peak_lr=1e-4", "schedule.min_lr=3E-5", "schedule.warmup_start_lr=.5e-5",
+                                  "weights=[1e-3, +2e0, 7]"])
+    assert (cfg.schedule.peak_lr, cfg.schedule.min_lr, cfg.schedule.warmup_start_lr) == (1e-4, 3e-5, 0.5e-5)
+    assert cfg.weights == [1e-3, 2.0, 7.0] and all(type(w) is float for w in cfg.weights)
+    config = tmp_path / "run.yaml"
+    config.write_text("schedule:\n  peak_lr: 1e-4\n  min_lr: '3E-5'\n")
+    cfg = load_config(run, config)
+    assert (cfg.schedule.peak_lr, cfg.schedule.min_lr) == (1e-4, 3e-5)
+
+    for bad in ["schedule.peak_lr=nan", "schedule.peak_lr=inf", "schedule.peak_lr=1e-4x", "schedule.peak_lr=e-4",
+                "schedule.peak_lr=ten"]:
+        with pytest.raises(ConfigError, match=r"'schedule\.peak_lr' must be a number"):
+            load_config(run, None, [bad])
+    with pytest.raises(ConfigError, match=r"'schedule\.warmup_steps' must be an integer, got '1e3'"):
+        load_config(run, None, ["schedule.warmup_steps=1e3"])  # only float keys read exponent strings
+
+
 # ================================================================ pack, shards and inspect
 # (section B)
 
