@@ -52,13 +52,13 @@ class TimestampUnits:
     def __init__(self):
         self.first: dict[tuple[str, str], tuple[int, float]] = {}  # (file, unit) -> its first (line, timestamp)
         self.spans: list[tuple[str, int]] = []  # (file, first log row), in reading order
-        self._last: tuple[str, bool] | None = None  # (file, is milliseconds) of the previous interaction
+        self._file, self._millis = None, None  # the previous interaction's file and unit
 
     def see(self, file: str, line: int, stamp: float, row: int) -> None:
         millis = stamp > MILLISECONDS_ABOVE
-        if self._last == (file, millis):  # the common case: nothing new
+        if millis is self._millis and file == self._file:  # the common case, kept cheap: nothing new
             return
-        self._last = (file, millis)
+        self._file, self._millis = file, millis
         self.first.setdefault((file, "ms" if millis else "s"), (line, stamp))
         if not self.spans or self.spans[-1][0] != file:
             self.spans.append((file, row))
