@@ -3,11 +3,16 @@
 Every stage's config is a dataclass. Loading checks every key against the dataclass: an unknown key or a
 value of the wrong type is an error naming the key path and the file, so a typo never silently falls back
 to a default.
+
+A float key also takes a decimal number written as a string, such as `1e-4`, `3E-5` or `.5e-3`: YAML 1.1
+(PyYAML) reads an exponent without a dot as a string, so `schedule.peak_lr=1e-4` would otherwise be
+refused. Only float keys do this, and only for plain decimals (not `nan` or `inf`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -20,12 +25,16 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the key and where it came from."""
 
 
+_DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")  # what a float key takes as a string
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
 def _coerce(value: Any, tp: Any, key: str, origin: str) -> Any:
-    """Check `value` against the annotation `tp`, converting only where it is lossless (int -> float)."""
+    """Check `value` against the annotation `tp`, converting only where it is lossless (int -> float) or a float
+    key's value is a decimal string (see the module docstring)."""
     org = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
@@ -58,6 +67,8 @@ def _coerce(value: Any, tp: Any, key: str, origin: str) -> Any:
         return {_coerce(k, k_tp, f"{key}.<key>", origin): _coerce(v, v_tp, f"{key}.{k}", origin)
                 for k, v in value.items()}
     if tp is float:
+        if isinstance(value, str) and _DECIMAL.fullmatch(value):
+            return float(value)  # 1e-4: YAML 1.1 reads an exponent without a dot as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{origin}: '{key}' must be a number, got {value!r}")
         return float(value)
@@ -100,19 +111,60 @@ def to_dict(obj: Any) -> dict:
     return dataclasses.asdict(obj)
 
 
+def _yaml_error(where: str, exc: yaml.YAMLError, of: str = "") -> str:
+    """`where`: not valid YAML at line L, column C `of`: what the parser found (and the construct it was in)."""
+    mark, context_mark = getattr(exc, "problem_mark", None), getattr(exc, "context_mark", None)
+    text = f"{where}: not valid YAML"
+    if mark is not None:
+        text += f" at line {mark.line + 1}, column {mark.column + 1}{of}"
+    text += f": {getattr(exc, 'problem', None) or exc}"
+    if getattr(exc, "context", None):
+        text += f" ({exc.context}"
+        if context_mark is not None:
+            text += f" started at line {context_mark.line + 1}, column {context_mark.column + 1}"
+        text += ")"
+    return text
+
+
 def parse_overrides(pairs: list[str]) -> dict:
-    """Turn ['a.b=3', 'c=[x, y]'] into a nested dict; values are parsed as YAML scalars or lists."""
+    """Turn ['a.b=3', 'c=[x, y]'] into a nested dict; values are parsed as YAML scalars or lists.
+
+    A later override of the same key wins. Overrides that make a key both a value and a mapping (`input=x`
+    with `input.items=y`, in either order) clash: an error naming both, as neither can win.
+    """
     out: dict = {}
+    setters: dict[tuple, str] = {}  # key path -> the override that set it, to name both sides of a clash
     for pair in pairs:
         if "=" not in pair:
             raise ConfigError(f"override '{pair}' must look like key=value")
         key, raw = pair.split("=", 1)
+        path = tuple(key.strip().split("."))
+        value = _override_value(pair, raw)
         node = out
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        for depth in range(1, len(path)):
+            node = node.setdefault(path[depth - 1], {})
+            if not isinstance(node, dict):  # set to a value by an earlier override, or inside one's mapping
+                earlier = next(setters[path[:d]] for d in range(depth, 0, -1) if path[:d] in setters)
+                raise _clash(earlier, pair, path[:depth])
+        if isinstance(node.get(path[-1]), dict) and not isinstance(value, dict):
+            earlier = next(p for k, p in setters.items() if k[:len(path)] == path)
+            raise _clash(earlier, pair, path)
+        node[path[-1]] = value
+        setters[path] = pair
     return out
+
+
+def _override_value(pair: str, raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(_yaml_error(f"override '{pair}'", exc, " of the value") + "; the value is read as "
+                          "YAML: fix it, or quote it (in a shell: key='\"a: b\"')") from None
+
+
+def _clash(earlier: str, later: str, path: tuple) -> ConfigError:
+    return ConfigError(f"overrides '{earlier}' and '{later}' clash: one gives '{'.'.join(path)}' a value, the other "
+                       f"a key under it; keep one of them")
 
 
 def deep_merge(base: dict, extra: dict) -> dict:
@@ -134,7 +186,10 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(_yaml_error(str(path), exc) + "; fix the file") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
         data = deep_merge(data, loaded)

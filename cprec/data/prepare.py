@@ -2,7 +2,8 @@
 
 Output directory (written under `<out>.partial` and renamed when complete):
 
-    manifest.json                 source, resolved config, template version, domains, counts, percentiles
+    manifest.json                 source (files, each interaction file's timestamp unit), resolved config,
+                                  template version, domains, counts, percentiles
     rejects.jsonl                 every unusable input row: file, line, reason, excerpt
     items.jsonl                   kept items: domain, title, source id, interactions
     documents/<stream>.jsonl      pre-training documents {stream, user, text, prompt_chars}; one stream per
@@ -93,7 +94,7 @@ def make_source(cfg: PrepareConfig):
     if cfg.source in ("amazon2018", "amazon2023"):
         pairs = {d: tuple(p) for d, p in cfg.input.pairs.items()}
         if cfg.input.path:
-            pairs = {**AmazonReviews.discover(cfg.input.path), **pairs}
+            pairs = {**AmazonReviews.discover(cfg.input.path, given=set(pairs)), **pairs}
         for domain, files in pairs.items():
             if len(files) != 2:
                 raise CPRecError(f"input.pairs.{domain} must be [reviews, meta], got {list(files)}")
@@ -184,10 +185,11 @@ def _read_items(source, cfg: PrepareConfig, log: RejectLog, filtered: collection
     return table
 
 
-def _read_interactions(source, table: dict, wanted: set | None, log: RejectLog,
-                       filtered: collections.Counter, raw_domain_counts: collections.Counter) -> _Log:
+def _read_interactions(source, table: dict, wanted: set | None, log: RejectLog, filtered: collections.Counter,
+                       raw_domain_counts: collections.Counter, units: cleaning.TimestampUnits) -> _Log:
     data = _Log()
     for file, line, user, item, stamp, domain in source.interactions(log):
+        units.see(file, line, stamp, len(data.users))
         entry = table.get(item)
         if entry is None:
             log.reject(file, line, f"unknown item '{item}' (not in the item table)", f"user={user} item={item}")
@@ -346,8 +348,7 @@ def _emit_split(files, stream, user, domain, seq, cfg, budget, counts) -> None:
 def prepare(cfg: PrepareConfig, out: str | Path, overwrite: bool = False) -> dict:
     """Run the prepare stage into `out`; return the manifest."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise CPRecError(f"output directory {out} exists; pass --overwrite to replace it")
+    _check_output(out, overwrite)
     source = make_source(cfg)
     budget = Budget(cfg)
     tmp = out.with_name(out.name + ".partial")
@@ -358,6 +359,7 @@ def prepare(cfg: PrepareConfig, out: str | Path, overwrite: bool = False) -> dic
     log = RejectLog(tmp / "rejects.jsonl")
     filtered: collections.Counter = collections.Counter()
     raw_counts: collections.Counter = collections.Counter()
+    units = cleaning.TimestampUnits()
     try:
         table = _read_items(source, cfg, log, filtered)
         wanted = None
@@ -366,10 +368,11 @@ def prepare(cfg: PrepareConfig, out: str | Path, overwrite: bool = False) -> dic
         elif cfg.source == "movielens-1m":
             wanted = set(cfg.pretrain_domains or MOVIELENS_PRETRAIN) | set(cfg.downstream_domains or
                                                                              MOVIELENS_DOWNSTREAM)
-        data = _read_interactions(source, table, wanted, log, filtered, raw_counts)
+        data = _read_interactions(source, table, wanted, log, filtered, raw_counts, units)
     finally:
         log.close()
     del table
+    units.to_seconds(np.frombuffer(data.stamps, dtype=np.float64))  # a view: scales the log in place
     log.check(cfg.max_reject_fraction)
     pretrain, downstream = _resolve_domains(cfg, source, raw_counts)
     if wanted is None:  # the domain lists were resolved only now: drop the unused domains
@@ -395,7 +398,7 @@ def prepare(cfg: PrepareConfig, out: str | Path, overwrite: bool = False) -> dic
     _write_items(tmp / "items.jsonl", data, items)
     manifest = {
         "stage": "prepare", "cprec_version": __version__, "template_version": template.TEMPLATE_VERSION,
-        "source": {"name": cfg.source, "files": source.files()},
+        "source": {"name": cfg.source, "files": source.files(), "timestamp_units": units.units()},
         "config": to_dict(cfg), "budget": budget.describe(),
         "domains": {"pretrain": pretrain, "downstream": downstream,
                     "streams": {d: stream_name(d) for d in pretrain + downstream}, "mixed_stream": MIXED_STREAM},
@@ -410,6 +413,18 @@ def prepare(cfg: PrepareConfig, out: str | Path, overwrite: bool = False) -> dic
     tmp.rename(out)
     manifest["seconds"] = round(time.perf_counter() - started, 2)  # reported, never written: outputs stay byte-identical
     return manifest
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    """Refuse an output path that cannot take the result now, before any work is done."""
+    if out.exists() and not out.is_dir():
+        raise CPRecError(f"output path {out} exists and is not a directory; choose another --out (prepare writes "
+                         f"a directory) or remove the file")
+    if out.exists() and not overwrite:
+        raise CPRecError(f"output directory {out} exists; pass --overwrite to replace it")
+    above = next(p for p in out.parents if p.exists())
+    if not above.is_dir():
+        raise CPRecError(f"output path {out}: {above} is a file, not a directory; choose another --out")
 
 
 def _drop_unused_domains(data: _Log, wanted: set, filtered: collections.Counter) -> None:

