@@ -84,6 +84,10 @@ def cmd_inspect(args) -> int:
 
     data = ShardSet(args.shards)
     idx = data.index
+    if args.row is not None:  # before any output or the tokenizer's load: a bad --stream/--row fails fast
+        if not args.stream:
+            raise CPRecError("--row needs --stream")
+        data.locate(args.stream, args.row)  # names the stream and its number of rows when out of range
     print(f"{data.root}: {idx['format']} v{idx['version']}, seq_len {idx['seq_len']}, {idx['dtype']}, tokenizer "
           f"{idx['tokenizer']['name']} (vocab {idx['tokenizer']['vocab_size']:,}), template {idx['template_version']}, "
           f"fingerprint {data.fingerprint}")
@@ -93,8 +97,6 @@ def cmd_inspect(args) -> int:
     if args.row is not None:
         from cprec.backbone import load_tokenizer, resolve_tokenizer
 
-        if not args.stream:
-            raise CPRecError("--row needs --stream")
         tok = load_tokenizer(resolve_tokenizer(args.tokenizer or idx["tokenizer"]["name"]))
         tokens, lens, prompts = data.row(args.stream, args.row)
         pos = 0

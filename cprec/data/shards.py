@@ -219,7 +219,8 @@ class ShardSet:
     def locate(self, stream: str, i: int) -> tuple[int, int]:
         starts = self._starts[self._check_stream(stream)]
         if not 0 <= i < starts[-1]:
-            raise IndexError(f"row {i} out of range for stream '{stream}' with {starts[-1]} rows")
+            rows = f"{starts[-1]:,} rows (0 to {starts[-1] - 1:,})" if starts[-1] else "no rows"
+            raise ShardError(f"{self.root}: row {i} is out of range: stream '{stream}' has {rows}")
         k = bisect.bisect_right(starts, i) - 1
         return k, i - starts[k]
 
