@@ -93,7 +93,8 @@ def cmd_inspect(args) -> int:
           f"fingerprint {data.fingerprint}")
     print(format_table(*stream_table(idx)))
     if args.verify:
-        print(f"\nverified {data.verify()} shards: every checksum and table is consistent")
+        print(f"\nverified {data.verify()} shards: every checksum and table is consistent, the stream totals "
+              f"match the shard entries and every shard file on disk is listed")
     if args.row is not None:
         from cprec.backbone import load_tokenizer, resolve_tokenizer
 
@@ -351,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", help="stream of --row")
     p.add_argument("--row", type=int, help="decode this row back to text")
     p.add_argument("--tokenizer", help="tokenizer folder for --row (default: the one the index names)")
-    p.add_argument("--verify", action="store_true", help="read every shard and check its checksum")
+    p.add_argument("--verify", action="store_true", help="read every shard and check its checksum; check the "
+                   "index's totals against its shards and look for shard files it does not list")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("train", help="continual pre-training in this process (launch/train.py for several)")

@@ -52,6 +52,45 @@ def _b_packed_copy(prepared_small, tiny_tokenizer, tmp_path):
     return out
 
 
+def test_inspect_verify_refuses_an_edited_index(_b_packed_copy, capsys):
+    """Fault: `inspect --verify` said "consistent" after a stream's totals were edited in index.json."""
+    from cprec.data.shards import ShardError, ShardSet
+
+    out = _b_packed_copy
+    index = json.loads((out / "index.json").read_text())
+    index["streams"]["mixed"]["rows"] *= 3  # the mixture weighs streams by these totals
+    (out / "index.json").write_text(json.dumps(index, indent=2))
+    rc, _, err = _b_cli(["inspect", out, "--verify"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "index.json: index checksum mismatch" in err
+    with pytest.raises(ShardError, match=r"index\.json: index checksum mismatch"):
+        ShardSet(out)  # what training loads: refused too
+    del index["index_checksum"]  # an unsealed index (older CPRec, or the key removed) is refused as well
+    (out / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ShardError, match=r"index\.json: no index_checksum .* re-run the same `cprec pack`"):
+        ShardSet(out)
+
+
+def test_verify_recomputes_totals_and_finds_unlisted_shards(_b_packed_copy):
+    """An index that checks out but disagrees with its shards (edited, then re-sealed) still fails verify."""
+    from cprec.data import shards
+    from cprec.data.shards import ShardError, ShardSet
+
+    out = _b_packed_copy
+    index = json.loads((out / "index.json").read_text())
+    edited = json.loads(json.dumps(index))
+    edited["streams"]["mixed"]["tokens"] += 1000
+    shards.write_index(out, edited)
+    with pytest.raises(ShardError, match=r"index\.json: stream 'mixed' tokens total is \d+, its shard entries sum"):
+        ShardSet(out).verify()
+    st = index["streams"]["mixed"]
+    gone = st["shards"].pop(1)  # a shard's entry removed, the totals made to agree
+    for key in ("rows", "tokens", "documents", "bytes"):
+        st[key] -= gone[key]
+    shards.write_index(out, index)
+    with pytest.raises(ShardError, match=f"lists no entry for 1 shard file.*: {gone['file']}"):
+        ShardSet(out).verify()
+
+
 def test_inspect_row_out_of_range_names_the_stream(_b_packed_copy, capsys):
     """Fault: `inspect --row N` past the end (or an unknown --stream) ended in a bare traceback."""
     out = _b_packed_copy

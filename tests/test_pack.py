@@ -189,7 +189,7 @@ def test_missing_shard_is_detected_and_named(damaged):
 def test_wrong_index_entry_is_detected(damaged):
     index = json.loads((damaged / "index.json").read_text())
     index["streams"]["mixed"]["shards"][0]["rows"] += 1
-    (damaged / "index.json").write_text(json.dumps(index))
+    shards.write_index(damaged, index)  # sealed: the index checks out, its entry does not match the shard
     with pytest.raises(ShardError, match="disagrees with the index"):
         ShardSet(damaged).verify()
 
@@ -199,7 +199,7 @@ def test_wrong_version_and_dtype_are_detected(damaged):
     (damaged / "index.json").write_text(json.dumps({**index, "version": 99}))
     with pytest.raises(ShardError, match="format version 99"):
         ShardSet(damaged)
-    (damaged / "index.json").write_text(json.dumps({**index, "dtype": "uint32"}))
+    shards.write_index(damaged, {**index, "dtype": "uint32"})  # sealed, so the shard check is what fails
     with pytest.raises(ShardError, match="token dtype of 2 bytes, the index says uint32"):
         ShardSet(damaged).verify()
 
