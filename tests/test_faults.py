@@ -45,6 +45,45 @@ def _b_files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def test_pack_refuses_an_out_that_holds_other_things(prepared_small, tiny_tokenizer, tmp_path, capsys):
+    """Fault: `pack --out PROJECT` deleted the prepared manifest, a run's lineage.json and unrelated files."""
+    from cprec.errors import CPRecError
+
+    project = tmp_path / "project"
+    for rel in ("prepared/manifest.json", "run/lineage.json", "notes/todo.txt", "notes/00001.json", "notes/a.zst",
+                "notes/b.json.tmp1"):
+        (project / rel).parent.mkdir(parents=True, exist_ok=True)
+        (project / rel).write_text(rel)
+    before = _b_files(project)
+    with pytest.raises(CPRecError, match=r"project: not empty and not a pack output \(it holds 'notes/' and 2 more"):
+        _b_pack(prepared_small, tiny_tokenizer, project)
+    assert _b_files(project) == before
+    rc, _, err = _b_cli(["pack", "--input", prepared_small, "--tokenizer", tiny_tokenizer, "--out", project,
+                         "--seq-len", 128], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "not a pack output" in err and "Traceback" not in err
+    assert _b_files(project) == before
+
+
+def test_repack_removes_only_what_pack_wrote(prepared_small, tiny_tokenizer, tmp_path):
+    """Inside its own output pack deletes stale shards, sidecars and temporaries, and nothing else."""
+    from cprec.data.shards import ShardSet
+
+    out = tmp_path / "shards"
+    _b_pack(prepared_small, tiny_tokenizer, out)
+    foreign = {"README.md": "mine", "mixed/notes.txt": "mine", "mixed/summary.json": "mine",
+               "extra/keep.json": "mine", "extra/keep.zst": "mine"}
+    for rel, text in foreign.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text(text)
+    (out / "mixed" / "00999.zst").write_bytes(b"stale")  # pack-shaped: an earlier run's, removed
+    (out / "mixed" / "00999.json.tmp77").write_bytes(b"stale")
+    again = _b_pack(prepared_small, tiny_tokenizer, out)
+    assert again["report"]["reused_shards"] == again["report"]["shards"]
+    assert all((out / rel).read_text() == text for rel, text in foreign.items())
+    assert not (out / "mixed" / "00999.zst").exists() and not (out / "mixed" / "00999.json.tmp77").exists()
+    assert ShardSet(out).verify() == again["report"]["shards"]
+
+
 @pytest.fixture
 def _b_packed_copy(prepared_small, tiny_tokenizer, tmp_path):
     out = tmp_path / "shards"

@@ -336,21 +336,44 @@ def _run_tasks(tasks, workers: int):
                              "to finish") from None
 
 
+def _claim_output(out: Path) -> None:
+    """Make `out` a pack output: refuse one that holds anything but an earlier pack's files, write the marker
+    first (so an interrupted pack is recognised and resumed) and drop an earlier index, which stops
+    describing the directory as soon as a shard is rewritten (the new one is written at the end)."""
+    if out.exists() and not out.is_dir():
+        raise CPRecError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and not shards.is_shard_directory(out):
+        entries = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir())
+        if entries:
+            more = f" and {len(entries) - 1} more entries" if len(entries) > 1 else ""
+            raise CPRecError(f"--out {out}: not empty and not a pack output (it holds '{entries[0]}'{more}); pack "
+                             f"writes only into an empty directory or an earlier pack's output (one with "
+                             f"{shards.MARKER_FILE} or {shards.INDEX_FILE}): choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    shards.atomic_write(out / shards.MARKER_FILE, shards.MARKER)
+    (out / shards.INDEX_FILE).unlink(missing_ok=True)
+
+
 def _remove_stale(out: Path, expected: dict[str, set[str]]) -> None:
-    """Delete shard files that the new index does not list (an earlier run with other input or settings)."""
+    """Delete the shards, sidecars and temporaries in stream directories that the new index does not list
+    (an earlier run with other input or settings, or one cut short). Only names pack writes are touched:
+    anything else in the output is left where it is."""
     for sub in out.iterdir():
         if not sub.is_dir():
             continue
         keep = expected.get(sub.name, set())
-        for f in sub.iterdir():
-            if f.name not in keep and (f.suffix in (".zst", ".json") or ".tmp" in f.name):
-                f.unlink()
-        if not any(sub.iterdir()):
+        stale = [f for f in sub.iterdir() if shards.PACK_FILE.fullmatch(f.name) and f.name not in keep]
+        for f in stale:
+            f.unlink()
+        if stale and sub.name not in expected and not any(sub.iterdir()):
             sub.rmdir()
 
 
 def pack(input_dir: str | Path, tokenizer: str, out: str | Path, cfg: PackConfig) -> dict:
-    """Run the pack stage; return the index (with a `report` of the run added, not written)."""
+    """Run the pack stage; return the index (with a `report` of the run added, not written).
+
+    Refuses an `out` that holds anything but an earlier pack's files.
+    """
     cfg.validate()
     input_dir, out = Path(input_dir), Path(out)
     manifest, streams = prepared_streams(input_dir)
@@ -368,7 +391,7 @@ def pack(input_dir: str | Path, tokenizer: str, out: str | Path, cfg: PackConfig
                 "zstd_level": cfg.zstd_level}
     task_settings = {**settings, "out": str(out), "tokenizer": str(folder), "batch_size": cfg.batch_size,
                      "line_cache": cfg.line_cache}
-    out.mkdir(parents=True, exist_ok=True)
+    _claim_output(out)
     for name, _, _ in streams:
         (out / name).mkdir(exist_ok=True)
 

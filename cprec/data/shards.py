@@ -2,8 +2,11 @@
 
 Specification (format `cprec-shards`, version 1)
 -------------------------------------------------
-A shard directory holds `index.json` and one sub-directory per stream with shard files `NNNNN.zst`
-(plus a `NNNNN.json` sidecar holding the shard's index entry, used to resume an interrupted pack).
+A shard directory holds `index.json`, the marker `.cprec-shards` and one sub-directory per stream with
+shard files `NNNNN.zst` (plus a `NNNNN.json` sidecar holding the shard's index entry, used to resume an
+interrupted pack). Pack writes the marker first and the index last, so a directory with the marker and no
+index is an unfinished pack; pack writes only into an empty directory or one of its own, and deletes only
+names it writes (`NNNNN.zst`, `NNNNN.json`, their `.tmpPID` temporaries) in stream sub-directories.
 
 A shard file, all integers little-endian:
 
@@ -59,6 +62,8 @@ MAGIC = b"CPRSHRD\x00"
 HEADER = struct.Struct("<8sIIIIQQ")
 DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
 INDEX_FILE = "index.json"
+MARKER_FILE = ".cprec-shards"
+MARKER = (json.dumps({"format": FORMAT_NAME, "writer": "cprec pack"}) + "\n").encode()
 PACK_FILE = re.compile(r"\d{5}\.(zst|json)(\.tmp\d+)?")  # every name pack writes in a stream directory
 
 
@@ -180,6 +185,17 @@ def write_index(root: Path, index: dict) -> None:
     atomic_write(root / INDEX_FILE, (json.dumps(index, indent=2, ensure_ascii=False) + "\n").encode())
 
 
+def is_shard_directory(root: Path) -> bool:
+    """True when `root` was written by pack: it holds the marker, or an index of this format (from before
+    the marker existed)."""
+    if (root / MARKER_FILE).is_file():
+        return True
+    try:
+        return json.loads((root / INDEX_FILE).read_text(encoding="utf-8")).get("format") == FORMAT_NAME
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def unlisted_shards(root: Path, index: dict) -> list[str]:
     """Shard files (`stream/NNNNN.zst`) on disk that the index does not list, in any sub-directory."""
     listed = {e["file"] for st in index["streams"].values() for e in st["shards"]}
@@ -199,6 +215,9 @@ def read_index(root: Path) -> dict:
     """The index of a shard directory, checked against its own `index_checksum`; errors name index.json."""
     path = root / INDEX_FILE
     if not path.is_file():
+        if (root / MARKER_FILE).is_file():
+            raise ShardError(f"{path}: missing: {root} holds an unfinished pack; re-run the same `cprec pack` "
+                             f"command to finish it")
         raise ShardError(f"{path}: missing (is {root} a pack output directory?)")
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
