@@ -130,6 +130,40 @@ def test_verify_recomputes_totals_and_finds_unlisted_shards(_b_packed_copy):
         ShardSet(out).verify()
 
 
+def test_pack_refuses_seq_len_below_the_prepared_budget(prepared_small, tiny_tokenizer, tmp_path, capsys):
+    """Fault: --seq-len shorter than the prepared documents cut every full window and exited 0."""
+    from cprec.errors import CPRecError
+
+    with pytest.raises(CPRecError, match=r"seq_len=64 is shorter .* window_tokens=127 .* need seq_len=128"):
+        _b_pack(prepared_small, tiny_tokenizer, tmp_path / "s", seq_len=64)
+    assert not (tmp_path / "s").exists()  # refused before anything is written
+    rc, _, err = _b_cli(["pack", "--input", prepared_small, "--tokenizer", tiny_tokenizer, "--out", tmp_path / "s",
+                         "--seq-len", 100], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "seq_len=100" in err and "seq_len=128" in err
+
+
+def test_pack_fails_past_max_split_fraction(tiny_tokenizer, tmp_path):
+    """Without a token budget to check up front, the documents cut while packing decide."""
+    from cprec.config import from_dict
+    from cprec.data.pack import PackConfig
+    from cprec.data.prepare import PrepareConfig, prepare
+    from cprec.data.shards import ShardSet
+    from cprec.errors import CPRecError
+    from tests.conftest import SMALL_WORLD
+
+    prepared = tmp_path / "p"  # budgeted in characters: nothing to compare seq_len with before packing
+    prepare(from_dict(PrepareConfig, {"source": "synthetic", "synthetic": SMALL_WORLD, "k_core": 2}), prepared)
+    with pytest.raises(CPRecError, match=r"stream '.+': [\d,]+ of [\d,]+ documents \(.*%\) are longer than "
+                                         r"seq_len=32 .* max_split_fraction=0.01; no index was written"):
+        _b_pack(prepared, tiny_tokenizer, tmp_path / "s", seq_len=32)
+    assert not (tmp_path / "s" / "index.json").exists()
+    accepted = _b_pack(prepared, tiny_tokenizer, tmp_path / "s", seq_len=32, max_split_fraction=1.0)
+    assert accepted["report"]["reused_shards"] == accepted["report"]["shards"]  # the shards were kept
+    assert ShardSet(tmp_path / "s").verify() == accepted["report"]["shards"]
+    with pytest.raises(CPRecError, match=r"max_split_fraction must be in \[0, 1\], got 2"):
+        PackConfig(max_split_fraction=2).validate()
+
+
 def test_inspect_row_out_of_range_names_the_stream(_b_packed_copy, capsys):
     """Fault: `inspect --row N` past the end (or an unknown --stream) ended in a bare traceback."""
     out = _b_packed_copy

@@ -15,6 +15,7 @@ import collections
 import concurrent.futures
 import hashlib
 import json
+import math
 import os
 import signal
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ class PackConfig:
     batch_size: int = 256  # documents per tokenizer call
     zstd_level: int = 3
     line_cache: bool = True  # tokenize each distinct line once (checked against whole documents; see LineTokenizer)
+    max_split_fraction: float = 0.01  # pack fails when more of a stream's documents are longer than seq_len
 
     def validate(self) -> None:
         for name in ("seq_len", "workers", "shard_rows", "batch_size"):
@@ -48,6 +50,8 @@ class PackConfig:
                 raise CPRecError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.seq_len < 16:
             raise CPRecError(f"seq_len must be at least 16, got {self.seq_len}")
+        if not 0.0 <= self.max_split_fraction <= 1.0:
+            raise CPRecError(f"max_split_fraction must be in [0, 1], got {self.max_split_fraction}")
 
 
 def prepared_streams(input_dir: Path) -> tuple[dict, list[tuple[str, Path, str]]]:
@@ -61,6 +65,34 @@ def prepared_streams(input_dir: Path) -> tuple[dict, list[tuple[str, Path, str]]
         if not file.is_file():
             raise CPRecError(f"{file}: missing (stream '{name}' is listed in {input_dir / 'manifest.json'})")
     return manifest, streams
+
+
+def check_budget(input_dir: Path, manifest: dict, tokenizer_hash: str, seq_len: int) -> None:
+    """Refuse a seq_len shorter than the prepared documents: prepare budgeted them in this tokenizer's tokens
+    for rows of window_tokens + 1 (the document plus EOS), so a shorter row would cut every full window.
+    A budget in characters, or in another tokenizer's tokens, says nothing here: the split fraction decides."""
+    budget = manifest.get("budget") or {}
+    if budget.get("unit") != "tokens" or (budget.get("tokenizer") or {}).get("hash") != tokenizer_hash:
+        return
+    needed = int(budget["size"]) + 1
+    if seq_len < needed:
+        raise CPRecError(f"seq_len={seq_len} is shorter than the documents of {input_dir}: prepare budgeted them at "
+                         f"window_tokens={needed - 1} tokens of this tokenizer, which need seq_len={needed} (EOS "
+                         f"included); pack with --seq-len {needed} or more, or re-run prepare with "
+                         f"window_tokens={seq_len - 1}")
+
+
+def check_splits(streams: dict, seq_len: int, max_fraction: float) -> None:
+    """Fail when a stream has more documents cut into pieces than max_split_fraction allows (worst named)."""
+    fractions = {name: st["split_documents"] / st["documents"] for name, st in streams.items() if st["documents"]}
+    worst = max(fractions, key=fractions.get, default=None)
+    if worst is not None and fractions[worst] > max_fraction:
+        st = streams[worst]
+        raise CPRecError(f"stream '{worst}': {st['split_documents']:,} of {st['documents']:,} documents "
+                         f"({fractions[worst]:.1%}) are longer than seq_len={seq_len} and were cut, past "
+                         f"max_split_fraction={max_fraction}; no index was written. Pack with a larger --seq-len, "
+                         f"or set max_split_fraction={math.ceil(fractions[worst] * 100) / 100} to accept the "
+                         f"cuts (the shards written are kept)")
 
 
 # ---------------------------------------------------------------- packing (pure functions, tested directly)
@@ -372,7 +404,9 @@ def _remove_stale(out: Path, expected: dict[str, set[str]]) -> None:
 def pack(input_dir: str | Path, tokenizer: str, out: str | Path, cfg: PackConfig) -> dict:
     """Run the pack stage; return the index (with a `report` of the run added, not written).
 
-    Refuses an `out` that holds anything but an earlier pack's files.
+    Refuses an `out` that holds anything but an earlier pack's files, a seq_len shorter than the prepared
+    token budget, and (after packing, before the index is written) a stream with more than
+    `max_split_fraction` of its documents cut.
     """
     cfg.validate()
     input_dir, out = Path(input_dir), Path(out)
@@ -383,6 +417,7 @@ def pack(input_dir: str | Path, tokenizer: str, out: str | Path, cfg: PackConfig
     if tok.eos_token_id is None:
         raise CPRecError(f"tokenizer {folder} has no EOS token; documents need one")
     ident = tokenizer_identity(folder, tok, tokenizer if tokenizer == "smollm2" else Path(folder).name)
+    check_budget(input_dir, manifest, ident["hash"], cfg.seq_len)
     dtype = shards.token_dtype(len(tok))
     ratio = chars_per_token(tok, [s[1] for s in streams])
     settings = {"packer": PACKER_VERSION, "format": shards.FORMAT_VERSION, "seq_len": cfg.seq_len,
@@ -418,6 +453,7 @@ def pack(input_dir: str | Path, tokenizer: str, out: str | Path, cfg: PackConfig
                      "zstd_level": cfg.zstd_level},
         "streams": {name: _stream_totals(kinds[name], es, cfg.seq_len) for name, es in entries.items()},
     }
+    check_splits(index["streams"], cfg.seq_len, cfg.max_split_fraction)
     shards.write_index(out, index)
     index["report"] = {"shards": sum(len(es) for es in entries.values()), "reused_shards": reused}
     return index
