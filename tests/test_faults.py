@@ -176,6 +176,45 @@ def test_inspect_row_out_of_range_names_the_stream(_b_packed_copy, capsys):
     assert rc == 2 and err.count("\n") == 1 and "no stream 'no-such' (streams: " in err and "mixed" in err
 
 
+def test_full_disk_while_packing_names_the_path_and_resumes(prepared_small, tiny_tokenizer, tmp_path, monkeypatch):
+    """Fault: ENOSPC while writing a shard or the index. The error names the file, says nothing valid was
+    lost, and a re-run resumes from the completed shards."""
+    from cprec.data.shards import ShardSet
+    from cprec.errors import CPRecError
+
+    real_fsync, writes, failed = os.fsync, [], []
+
+    def full_disk(target):
+        def fsync(fd):
+            path = os.readlink(f"/proc/self/fd/{fd}")
+            writes.append(path)
+            if target(path, writes):
+                failed.append(path)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as write(2) reports it: no file name
+            return real_fsync(fd)
+        return fsync
+
+    out = tmp_path / "s"
+    third_shard = lambda path, w: ".zst.tmp" in path and sum(".zst.tmp" in p for p in w) == 3
+    monkeypatch.setattr(os, "fsync", full_disk(third_shard))
+    with pytest.raises(CPRecError) as exc:
+        _b_pack(prepared_small, tiny_tokenizer, out, workers=1)
+    shard = failed[0].rsplit(".tmp", 1)[0]
+    assert str(exc.value).startswith(f"{shard}: no space left on device")
+    assert "Nothing valid was lost" in str(exc.value) and "re-run the same command to resume" in str(exc.value)
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]  # the cut-short write does not take space
+    assert not (out / "index.json").exists()
+
+    monkeypatch.setattr(os, "fsync", full_disk(lambda path, w: "index.json.tmp" in path))
+    with pytest.raises(CPRecError, match=r"index\.json: no space left on device .* Nothing valid was lost"):
+        _b_pack(prepared_small, tiny_tokenizer, out, workers=1)
+
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    done = _b_pack(prepared_small, tiny_tokenizer, out, workers=1)
+    assert done["report"]["reused_shards"] == done["report"]["shards"]  # every shard survived the failed index
+    assert ShardSet(out).verify() == done["report"]["shards"]
+
+
 
 # ================================================================ train, checkpoints, export, sft, evaluate
 # (section C)

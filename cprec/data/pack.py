@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import collections
 import concurrent.futures
+import errno
 import hashlib
 import json
 import math
@@ -401,12 +402,20 @@ def _remove_stale(out: Path, expected: dict[str, set[str]]) -> None:
             sub.rmdir()
 
 
+def _disk_full(exc: OSError, out: Path) -> CPRecError:
+    """Writes are atomic (shards.atomic_write), so a full disk costs only the file being written."""
+    reason = "no space left on device" if exc.errno == errno.ENOSPC else "disk quota exceeded"
+    return CPRecError(f"{exc.filename or out}: {reason} while packing. Nothing valid was lost: the shards "
+                      f"completed so far are kept and the cut-short file was removed; free space and re-run the "
+                      f"same command to resume")
+
+
 def pack(input_dir: str | Path, tokenizer: str, out: str | Path, cfg: PackConfig) -> dict:
     """Run the pack stage; return the index (with a `report` of the run added, not written).
 
     Refuses an `out` that holds anything but an earlier pack's files, a seq_len shorter than the prepared
     token budget, and (after packing, before the index is written) a stream with more than
-    `max_split_fraction` of its documents cut.
+    `max_split_fraction` of its documents cut. A full disk is reported by path; re-running resumes.
     """
     cfg.validate()
     input_dir, out = Path(input_dir), Path(out)
@@ -418,6 +427,15 @@ def pack(input_dir: str | Path, tokenizer: str, out: str | Path, cfg: PackConfig
         raise CPRecError(f"tokenizer {folder} has no EOS token; documents need one")
     ident = tokenizer_identity(folder, tok, tokenizer if tokenizer == "smollm2" else Path(folder).name)
     check_budget(input_dir, manifest, ident["hash"], cfg.seq_len)
+    try:
+        return _pack(input_dir, folder, tok, ident, out, cfg, manifest, streams)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _disk_full(exc, out) from None
+        raise
+
+
+def _pack(input_dir: Path, folder, tok, ident: dict, out: Path, cfg: PackConfig, manifest: dict, streams) -> dict:
     dtype = shards.token_dtype(len(tok))
     ratio = chars_per_token(tok, [s[1] for s in streams])
     settings = {"packer": PACKER_VERSION, "format": shards.FORMAT_VERSION, "seq_len": cfg.seq_len,

@@ -98,12 +98,18 @@ class Shard:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temporary name, then rename: `path` is whole or absent. An OSError names `path` (a failed
+    write or fsync does not), and the partial temporary is removed, since on a full disk it only takes space."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
 
 def encode_shard(tokens: np.ndarray, row_docs, doc_lens, prompt_lens, doc_index, level: int = 3) -> bytes:
