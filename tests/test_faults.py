@@ -215,6 +215,70 @@ def test_full_disk_while_packing_names_the_path_and_resumes(prepared_small, tiny
     assert ShardSet(out).verify() == done["report"]["shards"]
 
 
+_B_SLOW_PACK = '''
+import os, sys, time
+from pathlib import Path
+
+import cprec.data.pack as pack_module
+from cprec.cli import main
+
+marks = Path(sys.argv[1])
+
+
+def pack_shard(task):  # the workers' task, made slow: they are busy when pack is killed
+    (marks / str(os.getpid())).touch()
+    time.sleep(120)
+
+
+pack_module.pack_shard = pack_shard
+sys.exit(main(sys.argv[2:]))
+'''
+
+
+def _b_alive(pid: int) -> bool:
+    """Running (a zombie that nobody reaps is dead)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux's")
+def test_pack_workers_die_with_a_killed_pack(prepared_small, tiny_tokenizer, tmp_path):
+    """Fault: after kill -9 of `cprec pack --workers 2` its workers stayed alive for minutes."""
+    import cprec
+
+    script, marks = tmp_path / "slow_pack.py", tmp_path / "marks"
+    script.write_text(_B_SLOW_PACK)
+    marks.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(cprec.__file__).parents[1])}
+    proc = subprocess.Popen([sys.executable, str(script), str(marks), "pack", "--input", str(prepared_small),
+                             "--tokenizer", str(tiny_tokenizer), "--out", str(tmp_path / "s"), "--seq-len", "128",
+                             "--shard-rows", "16", "--workers", "2"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+            workers = [int(p.name) for p in marks.iterdir()]
+        assert len(workers) == 2, "the workers did not start"
+        for pid in workers:  # children of pack, busy in their task
+            assert int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) == proc.pid
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 3
+        while any(map(_b_alive, workers)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [pid for pid in workers if _b_alive(pid)], "a pack worker outlived the killed pack"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in workers:
+            if _b_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
 
 # ================================================================ train, checkpoints, export, sft, evaluate
 # (section C)

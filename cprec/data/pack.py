@@ -13,12 +13,15 @@ from __future__ import annotations
 import bisect
 import collections
 import concurrent.futures
+import ctypes
 import errno
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -346,6 +349,20 @@ def _task(settings: dict, stream: str, shard: int, batch: dict) -> dict:
     return {**settings, **batch, "stream": stream, "shard": shard, "input_hash": digest.hexdigest()}
 
 
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _die_with_parent(parent: int) -> None:
+    """Worker start-up: have the kernel SIGKILL this worker when pack dies (even by SIGKILL, when no clean-up
+    runs), so no worker outlives it. Linux only; elsewhere a no-op. The workers are forked by pack's main
+    thread, so `parent` is their parent: if it is no longer, pack died before the request took effect."""
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 def _run_tasks(tasks, workers: int):
     """Yield entries in task order; at most 2 x workers shards are in flight (memory stays flat)."""
     if workers == 1:
@@ -353,7 +370,11 @@ def _run_tasks(tasks, workers: int):
             yield task, pack_shard(task)
         return
     pending: collections.deque = collections.deque()
-    with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
+    # fork (the Linux default until Python 3.14, named so it stays): workers are children of this process,
+    # which _die_with_parent relies on
+    context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context,
+                                                initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
         try:
             for task in tasks:
                 slim = {k: task[k] for k in ("stream", "shard")}
