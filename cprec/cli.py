@@ -84,17 +84,20 @@ def cmd_inspect(args) -> int:
 
     data = ShardSet(args.shards)
     idx = data.index
+    if args.row is not None:  # before any output or the tokenizer's load: a bad --stream/--row fails fast
+        if not args.stream:
+            raise CPRecError("--row needs --stream")
+        data.locate(args.stream, args.row)  # names the stream and its number of rows when out of range
     print(f"{data.root}: {idx['format']} v{idx['version']}, seq_len {idx['seq_len']}, {idx['dtype']}, tokenizer "
           f"{idx['tokenizer']['name']} (vocab {idx['tokenizer']['vocab_size']:,}), template {idx['template_version']}, "
           f"fingerprint {data.fingerprint}")
     print(format_table(*stream_table(idx)))
     if args.verify:
-        print(f"\nverified {data.verify()} shards: every checksum and table is consistent")
+        print(f"\nverified {data.verify()} shards: every checksum and table is consistent, the stream totals "
+              f"match the shard entries and every shard file on disk is listed")
     if args.row is not None:
         from cprec.backbone import load_tokenizer, resolve_tokenizer
 
-        if not args.stream:
-            raise CPRecError("--row needs --stream")
         tok = load_tokenizer(resolve_tokenizer(args.tokenizer or idx["tokenizer"]["name"]))
         tokens, lens, prompts = data.row(args.stream, args.row)
         pos = 0
@@ -363,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", help="stream of --row")
     p.add_argument("--row", type=int, help="decode this row back to text")
     p.add_argument("--tokenizer", help="tokenizer folder for --row (default: the one the index names)")
-    p.add_argument("--verify", action="store_true", help="read every shard and check its checksum")
+    p.add_argument("--verify", action="store_true", help="read every shard and check its checksum; check the "
+                   "index's totals against its shards and look for shard files it does not list")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("train", help="continual pre-training in this process (launch/train.py for several)")

@@ -90,8 +90,19 @@ def test_no_document_shorter_than_seq_len_is_split(packed):
         assert index["streams"][stream]["split_documents"] == 0
 
 
-def test_long_documents_are_cut_only_as_a_last_resort(prepared_small, tiny_tokenizer, tmp_path):
-    index = run_pack(prepared_small, tiny_tokenizer, tmp_path / "s", seq_len=32)
+def prepare_in_chars(out: Path) -> Path:
+    """The small synthetic world budgeted in characters: no token budget stops a short seq_len up front."""
+    from cprec.config import from_dict
+    from cprec.data.prepare import PrepareConfig, prepare
+    from tests.conftest import SMALL_WORLD
+
+    prepare(from_dict(PrepareConfig, {"source": "synthetic", "synthetic": SMALL_WORLD, "k_core": 2}), out)
+    return out
+
+
+def test_long_documents_are_cut_only_as_a_last_resort(tiny_tokenizer, tmp_path):
+    index = run_pack(prepare_in_chars(tmp_path / "p"), tiny_tokenizer, tmp_path / "s", seq_len=32,
+                     max_split_fraction=1.0)  # cutting most documents is accepted only when asked for
     data = ShardSet(tmp_path / "s")
     split = sum(st["split_documents"] for st in index["streams"].values())
     assert split > 0
@@ -128,7 +139,7 @@ def test_rerun_keeps_complete_shards(prepared_small, tiny_tokenizer, tmp_path):
     again = run_pack(prepared_small, tiny_tokenizer, tmp_path / "s")
     assert again["report"]["reused_shards"] == first["report"]["shards"] > 5
     assert tree_bytes(tmp_path / "s") == before
-    changed = run_pack(prepared_small, tiny_tokenizer, tmp_path / "s", seq_len=96)  # new settings: nothing reused
+    changed = run_pack(prepared_small, tiny_tokenizer, tmp_path / "s", seq_len=160)  # new settings: nothing reused
     assert changed["report"]["reused_shards"] == 0
     assert ShardSet(tmp_path / "s").verify() == changed["report"]["shards"]
 
@@ -136,7 +147,8 @@ def test_rerun_keeps_complete_shards(prepared_small, tiny_tokenizer, tmp_path):
 def test_token_dtype_follows_the_vocabulary(prepared_small, tiny_tokenizer, wide_tokenizer, tmp_path):
     assert shards.token_dtype(65_536) == np.dtype("<u2") and shards.token_dtype(65_537) == np.dtype("<u4")
     narrow = run_pack(prepared_small, tiny_tokenizer, tmp_path / "narrow")
-    wide = run_pack(prepared_small, wide_tokenizer, tmp_path / "wide")
+    # a token per byte: documents run past seq_len, and cutting them is accepted here
+    wide = run_pack(prepared_small, wide_tokenizer, tmp_path / "wide", max_split_fraction=1.0)
     assert narrow["dtype"] == "uint16" and wide["dtype"] == "uint32"
     data = ShardSet(tmp_path / "wide")
     tokens, lens, _ = data.row("mixed", 0)
@@ -189,7 +201,7 @@ def test_missing_shard_is_detected_and_named(damaged):
 def test_wrong_index_entry_is_detected(damaged):
     index = json.loads((damaged / "index.json").read_text())
     index["streams"]["mixed"]["shards"][0]["rows"] += 1
-    (damaged / "index.json").write_text(json.dumps(index))
+    shards.write_index(damaged, index)  # sealed: the index checks out, its entry does not match the shard
     with pytest.raises(ShardError, match="disagrees with the index"):
         ShardSet(damaged).verify()
 
@@ -199,7 +211,7 @@ def test_wrong_version_and_dtype_are_detected(damaged):
     (damaged / "index.json").write_text(json.dumps({**index, "version": 99}))
     with pytest.raises(ShardError, match="format version 99"):
         ShardSet(damaged)
-    (damaged / "index.json").write_text(json.dumps({**index, "dtype": "uint32"}))
+    shards.write_index(damaged, {**index, "dtype": "uint32"})  # sealed, so the shard check is what fails
     with pytest.raises(ShardError, match="token dtype of 2 bytes, the index says uint32"):
         ShardSet(damaged).verify()
 

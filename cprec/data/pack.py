@@ -13,10 +13,15 @@ from __future__ import annotations
 import bisect
 import collections
 import concurrent.futures
+import ctypes
+import errno
 import hashlib
 import json
+import math
+import multiprocessing
 import os
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +46,7 @@ class PackConfig:
     batch_size: int = 256  # documents per tokenizer call
     zstd_level: int = 3
     line_cache: bool = True  # tokenize each distinct line once (checked against whole documents; see LineTokenizer)
+    max_split_fraction: float = 0.01  # pack fails when more of a stream's documents are longer than seq_len
 
     def validate(self) -> None:
         for name in ("seq_len", "workers", "shard_rows", "batch_size"):
@@ -48,6 +54,8 @@ class PackConfig:
                 raise CPRecError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.seq_len < 16:
             raise CPRecError(f"seq_len must be at least 16, got {self.seq_len}")
+        if not 0.0 <= self.max_split_fraction <= 1.0:
+            raise CPRecError(f"max_split_fraction must be in [0, 1], got {self.max_split_fraction}")
 
 
 def prepared_streams(input_dir: Path) -> tuple[dict, list[tuple[str, Path, str]]]:
@@ -61,6 +69,34 @@ def prepared_streams(input_dir: Path) -> tuple[dict, list[tuple[str, Path, str]]
         if not file.is_file():
             raise CPRecError(f"{file}: missing (stream '{name}' is listed in {input_dir / 'manifest.json'})")
     return manifest, streams
+
+
+def check_budget(input_dir: Path, manifest: dict, tokenizer_hash: str, seq_len: int) -> None:
+    """Refuse a seq_len shorter than the prepared documents: prepare budgeted them in this tokenizer's tokens
+    for rows of window_tokens + 1 (the document plus EOS), so a shorter row would cut every full window.
+    A budget in characters, or in another tokenizer's tokens, says nothing here: the split fraction decides."""
+    budget = manifest.get("budget") or {}
+    if budget.get("unit") != "tokens" or (budget.get("tokenizer") or {}).get("hash") != tokenizer_hash:
+        return
+    needed = int(budget["size"]) + 1
+    if seq_len < needed:
+        raise CPRecError(f"seq_len={seq_len} is shorter than the documents of {input_dir}: prepare budgeted them at "
+                         f"window_tokens={needed - 1} tokens of this tokenizer, which need seq_len={needed} (EOS "
+                         f"included); pack with --seq-len {needed} or more, or re-run prepare with "
+                         f"window_tokens={seq_len - 1}")
+
+
+def check_splits(streams: dict, seq_len: int, max_fraction: float) -> None:
+    """Fail when a stream has more documents cut into pieces than max_split_fraction allows (worst named)."""
+    fractions = {name: st["split_documents"] / st["documents"] for name, st in streams.items() if st["documents"]}
+    worst = max(fractions, key=fractions.get, default=None)
+    if worst is not None and fractions[worst] > max_fraction:
+        st = streams[worst]
+        raise CPRecError(f"stream '{worst}': {st['split_documents']:,} of {st['documents']:,} documents "
+                         f"({fractions[worst]:.1%}) are longer than seq_len={seq_len} and were cut, past "
+                         f"max_split_fraction={max_fraction}; no index was written. Pack with a larger --seq-len, "
+                         f"or set max_split_fraction={math.ceil(fractions[worst] * 100) / 100} to accept the "
+                         f"cuts (the shards written are kept)")
 
 
 # ---------------------------------------------------------------- packing (pure functions, tested directly)
@@ -313,6 +349,20 @@ def _task(settings: dict, stream: str, shard: int, batch: dict) -> dict:
     return {**settings, **batch, "stream": stream, "shard": shard, "input_hash": digest.hexdigest()}
 
 
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _die_with_parent(parent: int) -> None:
+    """Worker start-up: have the kernel SIGKILL this worker when pack dies (even by SIGKILL, when no clean-up
+    runs), so no worker outlives it. Linux only; elsewhere a no-op. The workers are forked by pack's main
+    thread, so `parent` is their parent: if it is no longer, pack died before the request took effect."""
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 def _run_tasks(tasks, workers: int):
     """Yield entries in task order; at most 2 x workers shards are in flight (memory stays flat)."""
     if workers == 1:
@@ -320,7 +370,11 @@ def _run_tasks(tasks, workers: int):
             yield task, pack_shard(task)
         return
     pending: collections.deque = collections.deque()
-    with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
+    # fork (the Linux default until Python 3.14, named so it stays): workers are children of this process,
+    # which _die_with_parent relies on
+    context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context,
+                                                initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
         try:
             for task in tasks:
                 slim = {k: task[k] for k in ("stream", "shard")}
@@ -336,21 +390,54 @@ def _run_tasks(tasks, workers: int):
                              "to finish") from None
 
 
+def _claim_output(out: Path) -> None:
+    """Make `out` a pack output: refuse one that holds anything but an earlier pack's files, write the marker
+    first (so an interrupted pack is recognised and resumed) and drop an earlier index, which stops
+    describing the directory as soon as a shard is rewritten (the new one is written at the end)."""
+    if out.exists() and not out.is_dir():
+        raise CPRecError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and not shards.is_shard_directory(out):
+        entries = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir())
+        if entries:
+            more = f" and {len(entries) - 1} more entries" if len(entries) > 1 else ""
+            raise CPRecError(f"--out {out}: not empty and not a pack output (it holds '{entries[0]}'{more}); pack "
+                             f"writes only into an empty directory or an earlier pack's output (one with "
+                             f"{shards.MARKER_FILE} or {shards.INDEX_FILE}): choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    shards.atomic_write(out / shards.MARKER_FILE, shards.MARKER)
+    (out / shards.INDEX_FILE).unlink(missing_ok=True)
+
+
 def _remove_stale(out: Path, expected: dict[str, set[str]]) -> None:
-    """Delete shard files that the new index does not list (an earlier run with other input or settings)."""
+    """Delete the shards, sidecars and temporaries in stream directories that the new index does not list
+    (an earlier run with other input or settings, or one cut short). Only names pack writes are touched:
+    anything else in the output is left where it is."""
     for sub in out.iterdir():
         if not sub.is_dir():
             continue
         keep = expected.get(sub.name, set())
-        for f in sub.iterdir():
-            if f.name not in keep and (f.suffix in (".zst", ".json") or ".tmp" in f.name):
-                f.unlink()
-        if not any(sub.iterdir()):
+        stale = [f for f in sub.iterdir() if shards.PACK_FILE.fullmatch(f.name) and f.name not in keep]
+        for f in stale:
+            f.unlink()
+        if stale and sub.name not in expected and not any(sub.iterdir()):
             sub.rmdir()
 
 
+def _disk_full(exc: OSError, out: Path) -> CPRecError:
+    """Writes are atomic (shards.atomic_write), so a full disk costs only the file being written."""
+    reason = "no space left on device" if exc.errno == errno.ENOSPC else "disk quota exceeded"
+    return CPRecError(f"{exc.filename or out}: {reason} while packing. Nothing valid was lost: the shards "
+                      f"completed so far are kept and the cut-short file was removed; free space and re-run the "
+                      f"same command to resume")
+
+
 def pack(input_dir: str | Path, tokenizer: str, out: str | Path, cfg: PackConfig) -> dict:
-    """Run the pack stage; return the index (with a `report` of the run added, not written)."""
+    """Run the pack stage; return the index (with a `report` of the run added, not written).
+
+    Refuses an `out` that holds anything but an earlier pack's files, a seq_len shorter than the prepared
+    token budget, and (after packing, before the index is written) a stream with more than
+    `max_split_fraction` of its documents cut. A full disk is reported by path; re-running resumes.
+    """
     cfg.validate()
     input_dir, out = Path(input_dir), Path(out)
     manifest, streams = prepared_streams(input_dir)
@@ -360,6 +447,16 @@ def pack(input_dir: str | Path, tokenizer: str, out: str | Path, cfg: PackConfig
     if tok.eos_token_id is None:
         raise CPRecError(f"tokenizer {folder} has no EOS token; documents need one")
     ident = tokenizer_identity(folder, tok, tokenizer if tokenizer == "smollm2" else Path(folder).name)
+    check_budget(input_dir, manifest, ident["hash"], cfg.seq_len)
+    try:
+        return _pack(input_dir, folder, tok, ident, out, cfg, manifest, streams)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _disk_full(exc, out) from None
+        raise
+
+
+def _pack(input_dir: Path, folder, tok, ident: dict, out: Path, cfg: PackConfig, manifest: dict, streams) -> dict:
     dtype = shards.token_dtype(len(tok))
     ratio = chars_per_token(tok, [s[1] for s in streams])
     settings = {"packer": PACKER_VERSION, "format": shards.FORMAT_VERSION, "seq_len": cfg.seq_len,
@@ -368,7 +465,7 @@ def pack(input_dir: str | Path, tokenizer: str, out: str | Path, cfg: PackConfig
                 "zstd_level": cfg.zstd_level}
     task_settings = {**settings, "out": str(out), "tokenizer": str(folder), "batch_size": cfg.batch_size,
                      "line_cache": cfg.line_cache}
-    out.mkdir(parents=True, exist_ok=True)
+    _claim_output(out)
     for name, _, _ in streams:
         (out / name).mkdir(exist_ok=True)
 
@@ -395,6 +492,7 @@ def pack(input_dir: str | Path, tokenizer: str, out: str | Path, cfg: PackConfig
                      "zstd_level": cfg.zstd_level},
         "streams": {name: _stream_totals(kinds[name], es, cfg.seq_len) for name, es in entries.items()},
     }
+    check_splits(index["streams"], cfg.seq_len, cfg.max_split_fraction)
     shards.write_index(out, index)
     index["report"] = {"shards": sum(len(es) for es in entries.values()), "reused_shards": reused}
     return index

@@ -2,8 +2,11 @@
 
 Specification (format `cprec-shards`, version 1)
 -------------------------------------------------
-A shard directory holds `index.json` and one sub-directory per stream with shard files `NNNNN.zst`
-(plus a `NNNNN.json` sidecar holding the shard's index entry, used to resume an interrupted pack).
+A shard directory holds `index.json`, the marker `.cprec-shards` and one sub-directory per stream with
+shard files `NNNNN.zst` (plus a `NNNNN.json` sidecar holding the shard's index entry, used to resume an
+interrupted pack). Pack writes the marker first and the index last, so a directory with the marker and no
+index is an unfinished pack; pack writes only into an empty directory or one of its own, and deletes only
+names it writes (`NNNNN.zst`, `NNNNN.json`, their `.tmpPID` temporaries) in stream sub-directories.
 
 A shard file, all integers little-endian:
 
@@ -26,8 +29,14 @@ A shard file, all integers little-endian:
 `index.json` records the format name and version, `seq_len`, the token dtype, pad and EOS ids, the
 tokenizer (name, vocab size, hash of its files), the template version, the source manifest, and per stream
 the totals and the list of shards: file, rows, tokens (real, not padding), documents, bytes, checksum
-(BLAKE2b-128 of the whole file). A reader verifies the checksum before decompressing, and every error names
-the shard and what is wrong. Writes go to a temporary name and are renamed when complete.
+(BLAKE2b-128 of the whole file). Its `index_checksum` is the BLAKE2b-128 of the index's canonical JSON
+without that key (keys sorted, no whitespace, UTF-8, as Python's json writes it): a reader refuses an index
+that was edited, and one without the key (written before it existed; readers that predate it ignore it, so
+the version stays 1), with the fix: re-run pack, which keeps every shard and rewrites the index. A stream's
+totals are the sums of its shards' entries and every `NNNNN.zst` in a stream directory is listed;
+`ShardSet.verify` checks both, and every shard. A reader verifies a shard's checksum before decompressing,
+and every error names the shard or the index and what is wrong. Writes go to a temporary name and are
+renamed when complete.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ import collections
 import hashlib
 import json
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +62,9 @@ MAGIC = b"CPRSHRD\x00"
 HEADER = struct.Struct("<8sIIIIQQ")
 DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
 INDEX_FILE = "index.json"
+MARKER_FILE = ".cprec-shards"
+MARKER = (json.dumps({"format": FORMAT_NAME, "writer": "cprec pack"}) + "\n").encode()
+PACK_FILE = re.compile(r"\d{5}\.(zst|json)(\.tmp\d+)?")  # every name pack writes in a stream directory
 
 
 class ShardError(CPRecError):
@@ -85,12 +98,18 @@ class Shard:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temporary name, then rename: `path` is whole or absent. An OSError names `path` (a failed
+    write or fsync does not), and the partial temporary is removed, since on a full disk it only takes space."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
 
 def encode_shard(tokens: np.ndarray, row_docs, doc_lens, prompt_lens, doc_index, level: int = 3) -> bytes:
@@ -160,8 +179,34 @@ def read_shard_file(root: Path, entry: dict, seq_len: int, dtype: np.dtype) -> S
     return decode_shard(path.read_bytes(), entry, seq_len, dtype, str(path))
 
 
+def index_checksum(index: dict) -> str:
+    """BLAKE2b-128 of the index's canonical JSON, `index_checksum` itself left out."""
+    body = {k: v for k, v in index.items() if k != "index_checksum"}
+    return checksum(json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode())
+
+
 def write_index(root: Path, index: dict) -> None:
+    """Seal the index (set its `index_checksum`) and write it."""
+    index["index_checksum"] = index_checksum(index)
     atomic_write(root / INDEX_FILE, (json.dumps(index, indent=2, ensure_ascii=False) + "\n").encode())
+
+
+def is_shard_directory(root: Path) -> bool:
+    """True when `root` was written by pack: it holds the marker, or an index of this format (from before
+    the marker existed)."""
+    if (root / MARKER_FILE).is_file():
+        return True
+    try:
+        return json.loads((root / INDEX_FILE).read_text(encoding="utf-8")).get("format") == FORMAT_NAME
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def unlisted_shards(root: Path, index: dict) -> list[str]:
+    """Shard files (`stream/NNNNN.zst`) on disk that the index does not list, in any sub-directory."""
+    listed = {e["file"] for st in index["streams"].values() for e in st["shards"]}
+    return sorted(f"{sub.name}/{f.name}" for sub in root.iterdir() if sub.is_dir() for f in sub.iterdir()
+                  if PACK_FILE.fullmatch(f.name) and f.suffix == ".zst" and f"{sub.name}/{f.name}" not in listed)
 
 
 def fingerprint(index: dict) -> str:
@@ -172,22 +217,38 @@ def fingerprint(index: dict) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
 
 
+def read_index(root: Path) -> dict:
+    """The index of a shard directory, checked against its own `index_checksum`; errors name index.json."""
+    path = root / INDEX_FILE
+    if not path.is_file():
+        if (root / MARKER_FILE).is_file():
+            raise ShardError(f"{path}: missing: {root} holds an unfinished pack; re-run the same `cprec pack` "
+                             f"command to finish it")
+        raise ShardError(f"{path}: missing (is {root} a pack output directory?)")
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ShardError(f"{path}: not valid JSON ({exc})") from None
+    fmt = index.get("format") if isinstance(index, dict) else None
+    if fmt != FORMAT_NAME:
+        raise ShardError(f"{path}: format {fmt!r}, expected {FORMAT_NAME!r}")
+    if index.get("version") != FORMAT_VERSION:
+        raise ShardError(f"{path}: format version {index.get('version')}, this reader reads {FORMAT_VERSION}")
+    repack = "re-run the same `cprec pack` command: it keeps every complete shard and rewrites the index"
+    if "index_checksum" not in index:
+        raise ShardError(f"{path}: no index_checksum (written by an older CPRec, or edited); {repack}")
+    if index["index_checksum"] != index_checksum(index):
+        raise ShardError(f"{path}: index checksum mismatch: the index was edited or damaged after pack wrote it "
+                         f"(its totals, shard list or settings cannot be trusted); {repack}")
+    return index
+
+
 class ShardSet:
     """Reader over a shard directory: random access to row i of a stream, decompressed shards cached."""
 
     def __init__(self, root: str | Path, cache_shards: int = 4):
         self.root = Path(root)
-        path = self.root / INDEX_FILE
-        if not path.is_file():
-            raise ShardError(f"{path}: missing (is {self.root} a pack output directory?)")
-        try:
-            self.index = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ShardError(f"{path}: not valid JSON ({exc})") from None
-        if self.index.get("format") != FORMAT_NAME:
-            raise ShardError(f"{path}: format {self.index.get('format')!r}, expected {FORMAT_NAME!r}")
-        if self.index.get("version") != FORMAT_VERSION:
-            raise ShardError(f"{path}: format version {self.index.get('version')}, this reader reads {FORMAT_VERSION}")
+        self.index = read_index(self.root)
         self.seq_len = int(self.index["seq_len"])
         self.dtype = np.dtype(self.index["dtype"]).newbyteorder("<")
         self.streams = self.index["streams"]
@@ -219,7 +280,8 @@ class ShardSet:
     def locate(self, stream: str, i: int) -> tuple[int, int]:
         starts = self._starts[self._check_stream(stream)]
         if not 0 <= i < starts[-1]:
-            raise IndexError(f"row {i} out of range for stream '{stream}' with {starts[-1]} rows")
+            rows = f"{starts[-1]:,} rows (0 to {starts[-1] - 1:,})" if starts[-1] else "no rows"
+            raise ShardError(f"{self.root}: row {i} is out of range: stream '{stream}' has {rows}")
         k = bisect.bisect_right(starts, i) - 1
         return k, i - starts[k]
 
@@ -229,12 +291,26 @@ class ShardSet:
         return self.shard(stream, k).row(j)
 
     def verify(self) -> int:
-        """Read and check every shard; return how many were checked."""
+        """Check the index against the shards it lists and the files on disk: read and check every shard,
+        recompute each stream's totals from its shard entries, and look for shard files the index does not
+        list. Return how many shards were checked; the first problem raises a ShardError naming it."""
         n = 0
         for name, st in self.streams.items():
             for entry in st["shards"]:
                 read_shard_file(self.root, entry, self.seq_len, self.dtype)
                 n += 1
+        path = self.root / INDEX_FILE
+        for name, st in self.streams.items():
+            for key in ("rows", "tokens", "documents", "bytes"):
+                total = sum(e[key] for e in st["shards"])
+                if st.get(key) != total:
+                    raise ShardError(f"{path}: stream '{name}' {key} total is {st.get(key)}, its shard entries sum "
+                                     f"to {total} (the index is inconsistent; re-run `cprec pack` to rewrite it)")
+        unlisted = unlisted_shards(self.root, self.index)
+        if unlisted:
+            raise ShardError(f"{path}: lists no entry for {len(unlisted)} shard file(s) on disk: "
+                             f"{', '.join(unlisted[:5])}{' ...' if len(unlisted) > 5 else ''} (an entry was removed, "
+                             f"or the files are strays; re-run `cprec pack` to rewrite the index)")
         return n
 
 
