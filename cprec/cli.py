@@ -29,16 +29,21 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. k_core=10")
 
 
-def cmd_prepare(args) -> int:
-    from cprec.data.prepare import PrepareConfig, prepare, summary_rows
+def prepare_config(args):
+    from cprec.data.prepare import PrepareConfig
 
     overrides = list(args.overrides)
     if args.source:
         overrides.append(f"source={args.source}")
     if args.input:
         overrides.append(f"input.path={args.input}")
-    cfg = load_config(PrepareConfig, args.config, overrides)
-    manifest = prepare(cfg, args.out, overwrite=args.overwrite)
+    return load_config(PrepareConfig, args.config, overrides)
+
+
+def cmd_prepare(args) -> int:
+    from cprec.data.prepare import prepare, summary_rows
+
+    manifest = prepare(prepare_config(args), args.out, overwrite=args.overwrite)
     print(format_table(["domain", "role", "users", "items", "interactions", "documents"], summary_rows(manifest)))
     rejects = manifest["rejects"]
     print(f"\nprepared {manifest['counts']['interactions']:,} interactions of {manifest['counts']['users']:,} users "
@@ -47,15 +52,20 @@ def cmd_prepare(args) -> int:
     return 0
 
 
-def cmd_pack(args) -> int:
-    from cprec.data.pack import PackConfig, pack
+def pack_config(args):
+    from cprec.data.pack import PackConfig
 
     overrides = list(args.overrides)
     for key in ("seq_len", "workers", "shard_rows"):
         if getattr(args, key) is not None:
             overrides.append(f"{key}={getattr(args, key)}")
-    cfg = load_config(PackConfig, args.config, overrides)
-    index = pack(args.input, args.tokenizer, args.out, cfg)
+    return load_config(PackConfig, args.config, overrides)
+
+
+def cmd_pack(args) -> int:
+    from cprec.data.pack import pack
+
+    index = pack(args.input, args.tokenizer, args.out, pack_config(args))
     print(format_table(*stream_table(index)))
     report = index["report"]
     print(f"\npacked {report['shards']} shards ({report['reused_shards']} kept from an earlier run) -> {args.out}")
@@ -114,16 +124,9 @@ def cmd_inspect(args) -> int:
 
 def cmd_train(args) -> int:
     """The one-process case of launch/train.py (use deepspeed/torchrun for several ranks)."""
-    from cprec.trainer import main as train_main
+    from cprec.trainer import run, split_mixture_overrides
 
-    argv = (["--config", args.config] if args.config else []) + (["--resume"] if args.resume else [])
-    if args.anneal_from:
-        argv += ["--anneal-from", args.anneal_from, "--anneal-steps", str(args.anneal_steps)]
-    if args.anneal_shape:
-        argv += ["--anneal-shape", args.anneal_shape]
-    if args.mixture:
-        argv += ["--mixture", *args.mixture]
-    return train_main(argv + list(args.overrides))
+    return run(split_mixture_overrides(args))
 
 
 def cmd_sft(args) -> int:
@@ -215,10 +218,11 @@ def cmd_quickstart(args) -> int:
     from cprec.data.pack import PackConfig, pack
     from cprec.data.prepare import PrepareConfig, prepare, summary_rows
     from cprec.export import export
-    from cprec import resources
-    from cprec.trainer import TrainConfig, Trainer
+    from cprec.trainer import Trainer
 
     out = Path(args.out)
+    cfg = quickstart_config(args)  # a bad override fails now, not after prepare and pack
+    claim_quickstart_folder(out)
     timings = {}
 
     def stage(name, fn):
@@ -237,8 +241,6 @@ def cmd_quickstart(args) -> int:
     print(format_table(*stream_table(index)))
     for old in ("run", "hf"):  # the quickstart is a from-scratch demo: a re-run replaces its run
         shutil.rmtree(out / old, ignore_errors=True)
-    cfg = load_config(TrainConfig, resources.recipe("quickstart.yaml"),
-                      [f"run_dir={out / 'run'}", f"shards={out / 'shards'}", *args.overrides])
     trainer = stage("train", lambda: Trainer(cfg))  # model load and DeepSpeed set-up count as training time
     started = time.perf_counter()
     last = trainer.fit()
@@ -267,6 +269,30 @@ def cmd_quickstart(args) -> int:
     print(f"report: {report}; outputs in {out}: prepared/, shards/, run/ (metrics.jsonl, plots/, checkpoints/), "
           f"hf/ (AutoModelForCausalLM.from_pretrained loads it), eval/")
     return 0
+
+
+QUICKSTART_MARKER = ".cprec-quickstart"  # a folder holding it is a quickstart's own: a re-run may replace its parts
+
+
+def quickstart_config(args):
+    from cprec import resources
+    from cprec.trainer import TrainConfig
+
+    out = Path(args.out)
+    return load_config(TrainConfig, resources.recipe("quickstart.yaml"),
+                       [f"run_dir={out / 'run'}", f"shards={out / 'shards'}", *args.overrides])
+
+
+def claim_quickstart_folder(out: Path) -> None:
+    """The quickstart replaces its own prepared/, run/ and hf/ on a re-run, so it refuses a non-empty folder
+    that an earlier quickstart did not make: they might be someone's data."""
+    if out.exists() and not out.is_dir():
+        raise CPRecError(f"--out {out} is a file; choose a new folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / QUICKSTART_MARKER).is_file():
+        raise CPRecError(f"--out {out} is a non-empty folder that no quickstart made ({QUICKSTART_MARKER} is "
+                         f"missing); the quickstart replaces parts of its folder, so choose a new one")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / QUICKSTART_MARKER).write_text("written by cprec quickstart\n")
 
 
 def quickstart_sft(out: Path, cpt_hf: Path, eval_cfg, args, stage) -> dict:
@@ -340,6 +366,8 @@ def write_quickstart_report(out: Path, runs: dict, timings: dict, manifest: dict
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cprec.trainer import add_train_arguments
+
     parser = argparse.ArgumentParser(prog="cprec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -371,12 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("train", help="continual pre-training in this process (launch/train.py for several)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
-    p.add_argument("--anneal-from", dest="anneal_from", help="branch from a stable-phase checkpoint")
-    p.add_argument("--anneal-steps", dest="anneal_steps", type=int, help="length of the branch's anneal phase")
-    p.add_argument("--anneal-shape", dest="anneal_shape", help="branch: linear, cosine, 1-sqrt or exponential")
-    p.add_argument("--mixture", nargs="*", default=[], metavar="stream=weight", help="the branch's own mixture")
-    _add_config_args(p)
+    add_train_arguments(p)  # the same command line as launch/train.py
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sft", help="fine-tune on the packed downstream streams (loss on the target item only)")

@@ -690,42 +690,35 @@ def plot_run(run: Path) -> None:
 
 # ---------------------------------------------------------------- entry point
 
-def parse_args(argv: list[str] | None = None):
-    import argparse
-
-    p = argparse.ArgumentParser(prog="launch/train.py", description="CPRec continual pre-training (one process "
-                                "per rank; start with deepspeed, torchrun or Slurm)")
+def add_train_arguments(p) -> None:
+    """The training command line, shared by `launch/train.py` and `cprec train`."""
     p.add_argument("--config", help="YAML training config")
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
     p.add_argument("--anneal-from", dest="anneal_from", help="branch: a stable-phase checkpoint directory")
     p.add_argument("--anneal-steps", dest="anneal_steps", type=int, help="branch: anneal over N steps")
     p.add_argument("--anneal-shape", dest="anneal_shape", help="branch: linear, cosine, 1-sqrt or exponential")
     p.add_argument("--mixture", nargs="*", default=[], metavar="stream=weight", help="branch: its own mixture")
-    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
-    p.add_argument("overrides", nargs="*", metavar="key=value")
-    args = p.parse_intermixed_args(argv)
-    # `--mixture mixed=1 run_dir=R`: nargs='*' takes the override too; a config key (or a dotted one) is never a
-    # stream name, so those words go back to the overrides
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. max_steps=10")
+
+
+def split_mixture_overrides(args):
+    """`--mixture mixed=1 run_dir=R`: nargs='*' takes the override too; a config key (or a dotted one) is never
+    a stream name, so those words go back to the overrides."""
     keys = {f.name for f in dataclasses.fields(TrainConfig)}
     is_override = [w.partition("=")[0] in keys or "." in w.partition("=")[0] for w in args.mixture]
-    args.overrides = [w for w, o in zip(args.mixture, is_override) if o] + list(args.overrides)
+    args.overrides = list(args.overrides) + [w for w, o in zip(args.mixture, is_override) if o]
     args.mixture = [w for w, o in zip(args.mixture, is_override) if not o]
     return args
 
 
-def parse_mixture(pairs: list[str]) -> dict[str, float]:
-    """`--mixture mixed=0.7 comedy=0.3` -> {"mixed": 0.7, "comedy": 0.3}."""
-    mixture = {}
-    for pair in pairs:
-        name, sep, weight = pair.partition("=")
-        try:
-            mixture[name] = float(weight)
-        except ValueError:
-            raise CPRecError(f"--mixture {pair}: expected stream=weight with a number as weight, "
-                             f"e.g. mixed=0.5") from None
-        if not sep or not name or not math.isfinite(mixture[name]) or mixture[name] < 0:
-            raise CPRecError(f"--mixture {pair}: expected stream=weight with a weight >= 0, e.g. mixed=0.5")
-    return mixture
+def parse_args(argv: list[str] | None = None):
+    import argparse
+
+    p = argparse.ArgumentParser(prog="launch/train.py", description="CPRec continual pre-training (one process "
+                                "per rank; start with deepspeed, torchrun or Slurm)")
+    add_train_arguments(p)
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
+    return split_mixture_overrides(p.parse_intermixed_args(argv))
 
 
 def train_config(args) -> TrainConfig:
@@ -743,7 +736,11 @@ def train_config(args) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    return run(parse_args(argv))
+
+
+def run(args) -> int:
+    """Train as the parsed command line says (this process is one rank)."""
     cfg = train_config(args)
     mixture = parse_mixture(args.mixture)
     trainer = Trainer(cfg, resume=args.resume, anneal_from=args.anneal_from, anneal_steps=args.anneal_steps,

@@ -745,3 +745,58 @@ def test_evaluation_refuses_what_it_cannot_evaluate(tiny, prepared_small, tmp_pa
     _refused(_cli("evaluate", "--model", tmp_path / "hf", "--data", flat, "--out", tmp_path / "e", check=False),
              "no downstream domain to evaluate on")
     assert not (tmp_path / "e" / "results.json").exists()
+
+
+def _readme_command_lines():
+    """Every `cprec ...`, `launch/train.py ...` and `preprocess/*.py ...` command in the README's bash blocks,
+    as (program, argv)."""
+    import re
+    import shlex
+
+    text = (_REPO / "README.md").read_text(encoding="utf-8")
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            for part in line.split("&&"):
+                words = shlex.split(part, comments=True)
+                if words[:1] == ["cprec"]:
+                    yield "cprec", words[1:]
+                elif "launch/train.py" in words:
+                    yield "launch/train.py", words[words.index("launch/train.py") + 1:]
+                elif len(words) > 1 and words[1] in ("preprocess/prepare.py", "preprocess/pack.py"):
+                    yield "cprec", [words[1].split("/")[1][:-3], *words[2:]]
+
+
+def test_every_command_line_in_the_readme_parses_and_loads_its_config(monkeypatch):
+    """README and CLI cannot drift apart: each command shown is parsed by the real parsers and its config
+    loaded by the real loader (what needs an existing run or data is parsed only)."""
+    from cprec import cli, finetune, trainer
+
+    monkeypatch.chdir(_REPO)  # the README's paths are relative to the repository
+    seen = set()
+    for program, argv in _readme_command_lines():
+        if program == "launch/train.py":
+            args = trainer.parse_args(argv)
+        else:
+            args = cli.parse_args(argv)
+            seen.add(args.command)
+            if args.command == "train":
+                args = trainer.split_mixture_overrides(args)
+        command = getattr(args, "command", "train")
+        try:
+            if command == "train" and (args.config or not (args.resume or args.anneal_from)):
+                trainer.train_config(args)
+            elif command == "prepare":
+                cli.prepare_config(args)
+            elif command == "pack":
+                cli.pack_config(args)
+            elif command == "sft":
+                finetune.load_sft_config(args.model, args.shards, args.out, args.overrides, args.config)
+            elif command == "evaluate":
+                cli.eval_config(args)
+            elif command == "baseline":
+                cli.baseline_configs(args)
+            elif command == "quickstart":
+                cli.quickstart_config(args)
+        except Exception as exc:
+            raise AssertionError(f"README: {program} {' '.join(argv)}\n  -> {exc}") from exc
+    assert seen >= {"prepare", "pack", "inspect", "train", "sft", "export", "evaluate", "baseline", "quickstart"}
