@@ -721,6 +721,21 @@ def parse_args(argv: list[str] | None = None):
     return split_mixture_overrides(p.parse_intermixed_args(argv))
 
 
+def parse_mixture(pairs: list[str]) -> dict[str, float]:
+    """`--mixture mixed=0.7 comedy=0.3` -> {"mixed": 0.7, "comedy": 0.3}."""
+    mixture = {}
+    for pair in pairs:
+        name, sep, weight = pair.partition("=")
+        try:
+            mixture[name] = float(weight)
+        except ValueError:
+            raise CPRecError(f"--mixture {pair}: expected stream=weight with a number as weight, "
+                             f"e.g. mixed=0.5") from None
+        if not sep or not name or not math.isfinite(mixture[name]) or mixture[name] < 0:
+            raise CPRecError(f"--mixture {pair}: expected stream=weight with a weight >= 0, e.g. mixed=0.5")
+    return mixture
+
+
 def train_config(args) -> TrainConfig:
     """The run's config from parsed arguments: the --config file, or without one the saved config of the run
     being resumed (or of a branch's parent); then the overrides."""
