@@ -177,15 +177,29 @@ def deep_merge(base: dict, extra: dict) -> dict:
     return merged
 
 
+def _config_file(path: Path) -> Path:
+    """`path`, or for a relative path missing here the shipped file of that name (`launch/configs/sft.yaml`
+    from an installed wheel, run outside a checkout)."""
+    if path.is_file():
+        return path
+    if not path.is_absolute():
+        from cprec import resources
+        from cprec.errors import CPRecError
+
+        try:
+            return resources.shipped_file(str(path))
+        except CPRecError:
+            pass
+    raise ConfigError(f"config file not found: {path}")
+
+
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None,
                 base: dict | None = None) -> Any:
     """Load `cls` from optional defaults `base`, a YAML file, then `key=value` overrides (later wins)."""
     data: dict = dict(base or {})
     origin = "defaults"
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+        path = _config_file(Path(path))
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:

@@ -164,6 +164,9 @@ def _free_port() -> int:
 def build_ds_config(cfg: TrainConfig, world: int, cuda: bool) -> dict:
     path = Path(cfg.deepspeed) if cfg.deepspeed != "auto" else \
         resources.ds_config("zero3_bf16.json" if cuda else "zero3_fp32_cpu.json")
+    if not path.is_file() and not path.is_absolute():  # a recipe's `ds_configs/X.json`, from a wheel
+        with contextlib.suppress(CPRecError):
+            path = resources.shipped_file(str(path))
     if not path.is_file():
         raise CPRecError(f"DeepSpeed config not found: {path}")
     ds = json.loads(path.read_text())

@@ -800,3 +800,21 @@ def test_every_command_line_in_the_readme_parses_and_loads_its_config(monkeypatc
         except Exception as exc:
             raise AssertionError(f"README: {program} {' '.join(argv)}\n  -> {exc}") from exc
     assert seen >= {"prepare", "pack", "inspect", "train", "sft", "export", "evaluate", "baseline", "quickstart"}
+
+
+def test_prepare_overwrite_replaces_only_an_earlier_prepare_output(tmp_path):
+    from cprec.config import from_dict
+    from cprec.data.prepare import PrepareConfig, prepare
+    from cprec.errors import CPRecError
+    from tests.conftest import SMALL_WORLD
+
+    cfg = from_dict(PrepareConfig, {"source": "synthetic", "synthetic": SMALL_WORLD, "k_core": 2})
+    project = tmp_path / "project"
+    (project / "run").mkdir(parents=True)
+    (project / "notes.txt").write_text("mine")
+    with pytest.raises(CPRecError, match="not an earlier prepare output"):
+        prepare(cfg, project, overwrite=True)
+    assert (project / "notes.txt").read_text() == "mine" and (project / "run").is_dir()
+    prepare(cfg, tmp_path / "prepared")
+    prepare(cfg, tmp_path / "prepared", overwrite=True)  # an earlier output of prepare is replaced
+    assert (tmp_path / "prepared" / "manifest.json").is_file()

@@ -415,6 +415,13 @@ def prepare(cfg: PrepareConfig, out: str | Path, overwrite: bool = False) -> dic
     return manifest
 
 
+def _is_prepared(path: Path) -> bool:
+    try:
+        return json.loads((path / "manifest.json").read_text(encoding="utf-8")).get("stage") == "prepare"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _check_output(out: Path, overwrite: bool) -> None:
     """Refuse an output path that cannot take the result now, before any work is done."""
     if out.exists() and not out.is_dir():
@@ -422,6 +429,9 @@ def _check_output(out: Path, overwrite: bool) -> None:
                          f"a directory) or remove the file")
     if out.exists() and not overwrite:
         raise CPRecError(f"output directory {out} exists; pass --overwrite to replace it")
+    if out.exists() and any(out.iterdir()) and not _is_prepared(out):
+        raise CPRecError(f"output directory {out} is not an earlier prepare output (no prepare manifest.json); "
+                         f"--overwrite replaces only those, never another folder: choose a new --out")
     above = next(p for p in out.parents if p.exists())
     if not above.is_dir():
         raise CPRecError(f"output path {out}: {above} is a file, not a directory; choose another --out")
