@@ -1,7 +1,7 @@
 """Trainer throughput against its baselines, on this CPU, world size 1, fp32.
 
 Prints, in one run:
-  1. tokens/s of the trainer (`cprec.trainer.Trainer`, DeepSpeed ZeRO-3 engine, one rank) against a bare
+  1. tokens/s of the trainer (`cprec.train.loop.Trainer`, DeepSpeed ZeRO-3 engine, one rank) against a bare
      torch loop (AdamW, the same tiny Llama and initial weights, the same rows in the same order, the same
      loss and micro-batching), in alternating rounds in one process; goal: at most 10% overhead;
   2. non-pad tokens/s of the trainer on packed MovieLens rows against the Hugging Face Trainer on the same
@@ -74,7 +74,7 @@ def trainer_and_bare(tmp: Path, shards: Path, steps: int, rounds: int,
     """Rounds of `steps` steps of each, alternating in one process, so that both see the same machine load
     (this shared CPU drifts by 10-20% over minutes); per round (trainer tokens/s, bare tokens/s)."""
     from cprec.config import from_dict
-    from cprec.trainer import TrainConfig, Trainer
+    from cprec.train.loop import TrainConfig, Trainer
 
     bare = BareLoop(shards)  # built before the trainer: its DeepSpeed config turns model builds into zero.Init
     cfg = from_dict(TrainConfig, {
@@ -93,7 +93,7 @@ def trainer_and_bare(tmp: Path, shards: Path, steps: int, rounds: int,
         ours = sum(sum(r["tokens_per_stream"].values()) for r in records) / sum(r["seconds"] for r in records)
         tokens, seconds = bare.run(steps)
         out.append((ours, tokens / seconds))
-    trainer.torch.distributed.destroy_process_group()
+    torch.distributed.destroy_process_group()
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     unset_hf_deepspeed_config()  # later model builds (the HF Trainer's) are plain again

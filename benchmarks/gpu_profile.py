@@ -64,7 +64,7 @@ def bare_loop(shards: Path, config: dict, micro: int, steps: int, cuda: bool, at
 
 def trainer_profile(tmp: Path, shards: Path, config: dict, micro: int, steps: int, cuda: bool, attn: str) -> None:
     from cprec.config import load_config
-    from cprec.trainer import Trainer, TrainConfig
+    from cprec.train.loop import TrainConfig, Trainer
 
     # enough schedule for the warm-up and the three measured passes; the first fit() stops after 3 steps
     path = train_config(tmp, "run", {"name": None, "config": config, "attn": attn}, shards, 3 * steps + 11,

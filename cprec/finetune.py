@@ -24,7 +24,7 @@ from cprec.data.prepare import stream_name
 from cprec.data.shards import ShardSet
 from cprec.data.stream import default_mixture
 from cprec.errors import CPRecError
-from cprec.trainer import TrainConfig, Trainer
+from cprec.train.loop import TrainConfig, Trainer
 WARMUP_FRACTION, ANNEAL_FRACTION = 0.05, 0.2  # of an epoch-sized schedule; the rest is stable
 
 
@@ -82,6 +82,8 @@ def sft_config(model: str, shards: str | Path, run_dir: str | Path, overrides: l
 def finetune(cfg: TrainConfig, resume: bool = False) -> tuple[dict, Path | None]:
     """Train in this process; export the final checkpoint to RUN/hf (None when stopped early by a signal).
     The caller ends the process group when it has no more training to do."""
+    import torch
+
     from cprec.export import export
 
     trainer = Trainer(cfg, resume=resume)
@@ -91,5 +93,5 @@ def finetune(cfg: TrainConfig, resume: bool = False) -> tuple[dict, Path | None]
         run = Path(cfg.run_dir)
         tag = ckpt.latest_complete(run / "checkpoints")
         hf = export(run / "checkpoints" / tag, run / "hf", overwrite=True)  # its own export, redone on a resume
-    trainer.torch.distributed.barrier()  # the caller ends the process group: DeepSpeed caches its groups,
+    torch.distributed.barrier()  # the caller ends the process group: DeepSpeed caches its groups,
     return last, hf                      # so another engine in this process must reuse it, not a new one

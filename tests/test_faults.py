@@ -769,22 +769,23 @@ def _readme_command_lines():
 def test_every_command_line_in_the_readme_parses_and_loads_its_config(monkeypatch):
     """README and CLI cannot drift apart: each command shown is parsed by the real parsers and its config
     loaded by the real loader (what needs an existing run or data is parsed only)."""
-    from cprec import cli, finetune, trainer
+    from cprec import cli, finetune, quickstart
+    from cprec.train import launch
 
     monkeypatch.chdir(_REPO)  # the README's paths are relative to the repository
     seen = set()
     for program, argv in _readme_command_lines():
         if program == "launch/train.py":
-            args = trainer.parse_args(argv)
+            args = launch.parse_args(argv)
         else:
             args = cli.parse_args(argv)
             seen.add(args.command)
             if args.command == "train":
-                args = trainer.split_mixture_overrides(args)
+                args = launch.split_mixture_overrides(args)
         command = getattr(args, "command", "train")
         try:
             if command == "train" and (args.config or not (args.resume or args.anneal_from)):
-                trainer.train_config(args)
+                launch.train_config(args)
             elif command == "prepare":
                 cli.prepare_config(args)
             elif command == "pack":
@@ -796,7 +797,7 @@ def test_every_command_line_in_the_readme_parses_and_loads_its_config(monkeypatc
             elif command == "baseline":
                 cli.baseline_configs(args)
             elif command == "quickstart":
-                cli.quickstart_config(args)
+                quickstart.quickstart_config(args)
         except Exception as exc:
             raise AssertionError(f"README: {program} {' '.join(argv)}\n  -> {exc}") from exc
     assert seen >= {"prepare", "pack", "inspect", "train", "sft", "export", "evaluate", "baseline", "quickstart"}

@@ -118,7 +118,8 @@ def test_every_shipped_config_loads_and_validates():
 
     from cprec.config import load_config
     from cprec.data.prepare import MIXED_STREAM, MOVIELENS_PRETRAIN, PrepareConfig, stream_name
-    from cprec.trainer import TrainConfig, build_ds_config
+    from cprec.train.engine import build_ds_config
+    from cprec.train.loop import TrainConfig
 
     configs = sorted((Path(__file__).resolve().parents[1] / "launch" / "configs").glob("*.yaml"))
     assert len(configs) >= 5

@@ -123,8 +123,8 @@ def test_a_wheel_installed_outside_the_checkout_finds_what_it_reads(tmp_path):
                 "print(r.recipe('quickstart.yaml'))").splitlines()
     assert all(Path(line).is_relative_to(site) for line in where), where  # the wheel's, not the checkout's
     # a recipe named as in the README, with its explicit `deepspeed: ds_configs/zero3_bf16.json`, from elsewhere
-    run(str(python), "-c", "from cprec.config import load_config; from cprec.trainer import TrainConfig, "
-        "build_ds_config; cfg = load_config(TrainConfig, 'launch/configs/ml1m_smollm2_gpu.yaml'); "
+    run(str(python), "-c", "from cprec.config import load_config; from cprec.train.loop import TrainConfig; "
+        "from cprec.train.engine import build_ds_config; cfg = load_config(TrainConfig, 'launch/configs/ml1m_smollm2_gpu.yaml'); "
         "assert build_ds_config(cfg, 1, cuda=True)['bf16']['enabled']")
     for top in ("ds_configs", "launch/configs"):  # every shipped file, byte for byte
         for source in (REPO / top).iterdir():

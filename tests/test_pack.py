@@ -12,7 +12,7 @@ import pytest
 from cprec.backbone import load_tokenizer
 from cprec.cli import main
 from cprec.data import shards
-from cprec.data.pack import FAULT_ENV, PackConfig, best_fit_decreasing, pack
+from cprec.data.pack import PackConfig, best_fit_decreasing, pack
 from cprec.data.shards import ShardError, ShardSet
 from cprec.errors import CPRecError
 
@@ -218,11 +218,12 @@ def test_wrong_version_and_dtype_are_detected(damaged):
 
 def test_pack_killed_mid_write_then_rerun_is_identical(prepared_small, tiny_tokenizer, tmp_path):
     run_pack(prepared_small, tiny_tokenizer, tmp_path / "clean", workers=2)
-    cmd = [sys.executable, "-m", "cprec.cli", "pack", "--input", str(prepared_small), "--tokenizer",
-           str(tiny_tokenizer), "--out", str(tmp_path / "s"), "--seq-len", str(SEQ_LEN), "--shard-rows", "16",
-           "--workers", "2"]
-    env = {**os.environ, FAULT_ENV: "mixed/3"}
-    killed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    args = ["--input", str(prepared_small), "--tokenizer", str(tiny_tokenizer), "--out", str(tmp_path / "s"),
+            "--seq-len", str(SEQ_LEN), "--shard-rows", "16", "--workers", "2"]
+    cmd = [sys.executable, "-m", "cprec.cli", "pack", *args]
+    killer = [sys.executable, str(Path(__file__).parent / "helpers" / "kill_shard_write.py"), *args]
+    killed = subprocess.run(killer, env={**os.environ, "KILL_SHARD": "mixed/3"}, capture_output=True, text=True,
+                            timeout=300)
     assert killed.returncode == 2 and "a pack worker died" in killed.stderr
     assert any(".tmp" in p.name for p in (tmp_path / "s" / "mixed").iterdir())  # the cut-short write
     assert not (tmp_path / "s" / "index.json").exists()

@@ -120,8 +120,9 @@ def test_resume_refuses_other_data_mixture_seed_or_batch(shard_dir, tmp_path):
         stream(other).load_state_dict(saved)
     # an anneal branch starts a new phase explicitly: accepted, at step 0 of the new phase's order
     saved["step"], saved["tokens"] = 9, {"books": 99}
-    branch = stream(shard_dir, mixture={"books": 1.0})
-    branch.load_state_dict(saved, new_phase="anneal", new_mixture={"books": 1.0})
+    branch = stream(shard_dir)
+    branch.load_state_dict(saved)
+    branch.enter_phase("anneal", {"books": 1.0})
     assert branch.state.phase == "anneal" and branch.state.step == 0 and branch.state.tokens == {"books": 99}
 
 

@@ -18,7 +18,8 @@ from cprec.config import ConfigError, from_dict
 from cprec.data.shards import write_random_shardset
 from cprec.errors import CPRecError
 from cprec.schedule import ScheduleConfig, branch, lr
-from cprec.trainer import KILL_IN_SAVE_ENV, TrainConfig, build_ds_config
+from cprec.train.engine import build_ds_config
+from cprec.train.loop import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"model_type": "llama", "vocab_size": 128, "hidden_size": 32, "intermediate_size": 64,
@@ -46,9 +47,9 @@ def free_port() -> int:
 
 
 def torchrun(work: Path, run: str, *args, nproc: int = 2, env: dict | None = None, check: bool = True,
-             wait: bool = True):
+             wait: bool = True, script: Path = REPO / "launch" / "train.py"):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(free_port()), str(REPO / "launch" / "train.py"), "--config", str(work / "tiny.yaml"),
+           str(free_port()), str(script), "--config", str(work / "tiny.yaml"),
            f"run_dir={work / run}", *args]
     full_env = {**os.environ, **(env or {})}
     if not wait:
@@ -117,7 +118,8 @@ def test_resume_inside_a_phase_with_its_own_mixture_keeps_its_position(work):
 
 def test_kill_during_a_save_resumes_from_the_previous_complete_checkpoint(work, straight):
     run = work / "killed"
-    proc = torchrun(work, "killed", "checkpoint.every=3", env={KILL_IN_SAVE_ENV: ckpt.tag_for(6)}, check=False)
+    proc = torchrun(work, "killed", "checkpoint.every=3", check=False,
+                    script=REPO / "tests" / "helpers" / "kill_in_save.py", env={"KILL_IN_SAVE": ckpt.tag_for(6)})
     assert proc.returncode != 0
     assert (run / "checkpoints" / ckpt.tag_for(6)).is_dir()  # written, but never marked complete
     assert ckpt.latest_complete(run / "checkpoints") == ckpt.tag_for(3)
@@ -155,6 +157,7 @@ def test_anneal_branch_starts_from_the_parents_weights_moments_and_lr(work, stra
             for name in ("exp_avg", "exp_avg_sq"):
                 assert torch.equal(sa[k][name], sb[k][name])
     torchrun(work, "branch", "--resume")  # a branch resumes like any run, from its own checkpoints
+    assert json.loads((branch_run / "lineage.json").read_text())["parent"]["step"] == 4  # still its parent's
     records = metrics(branch_run)
     want = branch(ScheduleConfig(**SCHEDULE), 4, 3)
     assert [r["step"] for r in records] == [5, 6, 7]

@@ -35,7 +35,6 @@ from cprec.data.prepare import read_manifest
 from cprec.errors import CPRecError
 
 PACKER_VERSION = 1  # bump when the packing of the same documents changes, so old shards are not reused
-FAULT_ENV = "CPREC_TEST_KILL_SHARD"  # test hook: "stream/N" makes the worker die while writing shard N
 
 
 @dataclass
@@ -281,9 +280,6 @@ def pack_shard(task: dict) -> dict:
     dtype = np.dtype(task["dtype"])
     tokens, row_docs, doc_lens, prompt_lens, doc_index, split = pack_documents(docs, task["seq_len"],
                                                                                task["pad_id"], dtype)
-    if os.environ.get(FAULT_ENV) == f"{task['stream']}/{task['shard']}":
-        (out / f"{path.name}.tmp{os.getpid()}").write_bytes(b"partial")  # a write cut short
-        os.kill(os.getpid(), signal.SIGKILL)
     entry = shards.write_shard(path, tokens, row_docs, doc_lens, prompt_lens, doc_index, task["zstd_level"])
     entry.update(split_documents=split, input_hash=task["input_hash"])
     shards.atomic_write(sidecar, json.dumps(entry, sort_keys=True).encode())

@@ -240,19 +240,19 @@ class PackedStream(torch.utils.data.IterableDataset):
     def state_dict(self) -> dict:
         return self.state.state_dict()
 
-    def load_state_dict(self, saved: dict, new_phase: str | None = None,
-                        new_mixture: dict[str, float] | None = None) -> None:
-        """Resume from `saved` (O(1): nothing is replayed). Refuses other shards, mixture or seed, unless
-        `new_phase` is given: then the counters of tokens carry over and the new phase starts at step 0."""
+    def enter_phase(self, phase: str, mixture: dict[str, float]) -> None:
+        """Start a data phase with its own mixture (a schedule phase in `phase_mixtures`, or an anneal branch's
+        mixture): its order begins at step 0, seeded by its name; the token counters carry over."""
+        self.state.phase, self.state.step, self.state.mixture = phase, 0, dict(mixture)
+        self._build_order()
+
+    def load_state_dict(self, saved: dict) -> None:
+        """Resume from `saved` (O(1): nothing is replayed), in the phase and with the mixture the stream is in
+        now (`enter_phase` first for a saved phase of its own). Refuses other shards, seed, global batch,
+        phase or mixture, naming the difference."""
         if saved["fingerprint"] != self.state.fingerprint:
             raise CPRecError(f"refusing to resume: the shards differ (fingerprint {saved['fingerprint']} in the "
                              f"checkpoint, {self.state.fingerprint} in {self.shards_dir})")
-        if new_phase is not None:
-            self.state.phase, self.state.step = new_phase, 0
-            self.state.mixture = dict(new_mixture if new_mixture is not None else self.state.mixture)
-            self.state.tokens = dict(saved.get("tokens", {}))
-            self._build_order()
-            return
         if saved["seed"] != self.state.seed:
             raise CPRecError(f"refusing to resume: seed {saved['seed']} in the checkpoint, {self.state.seed} now")
         if saved["mixture"] != self.state.mixture:

@@ -6,7 +6,7 @@ import sys
 import torch
 
 from cprec.config import load_config
-from cprec.trainer import TrainConfig, Trainer
+from cprec.train.loop import TrainConfig, Trainer
 
 config, out = sys.argv[1], sys.argv[2]
 cfg = load_config(TrainConfig, config, sys.argv[3:] + ["max_steps=0"])

@@ -1,0 +1,155 @@
+"""The engine: the process group, the DeepSpeed config and the model, built once per rank.
+
+`init_distributed` joins (or, for a lone process, makes) the process group: gloo on CPUs, NCCL on GPUs.
+`build_ds_config` fills a DeepSpeed JSON with the run's batch arithmetic and optimizer, checking that
+global_batch = world x micro_batch x grad_accum. `build_model` builds the model the Hugging Face way under
+ZeRO-3 (weights initialised, then partitioned); the packaged SmolLM2 is converted from GGUF first, before any
+ZeRO-3 config exists (under one, every model transformers builds is partitioned and empty).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cprec import resources
+from cprec.errors import CPRecError
+
+if TYPE_CHECKING:
+    from cprec.train.loop import TrainConfig
+
+
+@dataclass
+class ModelConfig:
+    name: str | None = "smollm2"  # a Hugging Face folder, or smollm2 (the packaged SmolLM2-135M)
+    config: dict | None = None  # instead of name: build a random model from this config (tests)
+    attn: str = "auto"  # auto: flash_attention_2 on GPUs when installed, else sdpa; see cprec.attention
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class OptimConfig:
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    torch_adam: bool = True  # torch's AdamW: no fused_adam build (2 min on CPU; needs nvcc on GPUs)
+
+
+
+def init_distributed():
+    import warnings
+
+    import deepspeed
+    import torch
+
+    # DeepSpeed 0.19 calls collectives that torch 2.13 marks deprecated, once per step and rank
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:  # a single process without a launcher: a free port, so that two can run
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
+    if not cuda and "OMP_NUM_THREADS" not in os.environ:  # the deepspeed launcher does not set it
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), cuda
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_ds_config(cfg: TrainConfig, world: int, cuda: bool) -> dict:
+    path = Path(cfg.deepspeed) if cfg.deepspeed != "auto" else \
+        resources.ds_config("zero3_bf16.json" if cuda else "zero3_fp32_cpu.json")
+    if not path.is_file() and not path.is_absolute():  # a recipe's `ds_configs/X.json`, from a wheel
+        with contextlib.suppress(CPRecError):
+            path = resources.shipped_file(str(path))
+    if not path.is_file():
+        raise CPRecError(f"DeepSpeed config not found: {path}")
+    ds = json.loads(path.read_text())
+    rows_per_rank, rem = divmod(cfg.global_batch, world)
+    accum = cfg.grad_accum if cfg.grad_accum is not None else rows_per_rank // cfg.micro_batch
+    if rem or world * cfg.micro_batch * accum != cfg.global_batch:
+        raise CPRecError(f"global_batch={cfg.global_batch} must equal world size ({world}) x micro_batch "
+                         f"({cfg.micro_batch}) x grad_accum ({accum}) = {world * cfg.micro_batch * accum}")
+    ds.update(train_batch_size=cfg.global_batch, train_micro_batch_size_per_gpu=cfg.micro_batch,
+              gradient_accumulation_steps=accum, gradient_clipping=cfg.optim.grad_clip)
+    if world == 1 and ds.get("zero_optimization", {}).get("stage") == 3:
+        # one rank has nothing to partition: keeping every parameter resident skips ZeRO-3's per-layer
+        # gather/release (a 40% slowdown on a CPU) while the checkpoints keep the ZeRO-3 format; and
+        # averaging in place on the contiguous gradient bucket skips reduce-scatter's flatten-and-copy of every
+        # micro-batch's gradients (the same numbers on one rank)
+        ds["zero_optimization"].setdefault("stage3_param_persistence_threshold", 10**12)
+        ds["zero_optimization"].setdefault("reduce_scatter", False)
+    ds["optimizer"] = {"type": "AdamW", "params": {
+        "lr": cfg.schedule.peak_lr, "betas": [cfg.optim.beta1, cfg.optim.beta2], "eps": cfg.optim.eps,
+        "weight_decay": cfg.optim.weight_decay, "torch_adam": cfg.optim.torch_adam, "adam_w_mode": True}}
+    left = [k for k, v in _flatten(ds).items() if v == "auto"]
+    if left:
+        raise CPRecError(f"{path}: key '{left[0]}' is 'auto' and CPRec does not fill it")
+    return ds
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def build_model(cfg: TrainConfig, ds_config: dict, cuda: bool, rank: int):
+    """The model under ZeRO-3, built the Hugging Face way (weights initialised, then partitioned)."""
+    import torch
+    import transformers
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from cprec import attention
+    from cprec.backbone import SMOLLM2, smollm2_folder
+
+    transformers.logging.set_verbosity_error()
+    dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
+    attn = attention.choose(cfg.model.attn, cuda)
+    folder = None
+    if cfg.model.config is None and cfg.model.name == SMOLLM2:
+        # converted from GGUF before the ZeRO-3 config below exists (under it every model transformers builds,
+        # the conversion's too, is partitioned and empty), once per node's cache; the other ranks wait
+        if int(os.environ.get("LOCAL_RANK", rank)) == 0:
+            smollm2_folder()
+        torch.distributed.barrier()
+        folder = smollm2_folder()
+    elif cfg.model.config is None:
+        folder = Path(cfg.model.name)
+        if not (folder / "config.json").is_file():
+            raise CPRecError(f"model.name={cfg.model.name}: not a Hugging Face model folder (no config.json)")
+    keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841  (zero.Init while it lives)
+    torch.manual_seed(cfg.seed)
+    if folder is None:
+        try:
+            config = transformers.AutoConfig.for_model(**cfg.model.config)
+        except (ValueError, KeyError) as exc:
+            raise CPRecError(f"model.config: transformers cannot build it ({exc})") from None
+        config._attn_implementation = attn
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.config.use_cache = False
+    return model, folder, keep_alive

@@ -1,0 +1,181 @@
+"""The run directory: what a run is (its config and lineage), what it may resume from, and its files.
+
+A run directory holds `config.yaml` (the resolved config), `lineage.json` (the parent of an anneal branch,
+and the config hash), `model/` (the Hugging Face config and tokenizer files, for export), `metrics.jsonl`,
+`checkpoints/` (see `cprec.checkpoint`), `plots/` and optional `tensorboard/`.
+
+* A run's *semantic* config (every key but `NON_SEMANTIC`) is hashed; a resume with another hash is refused,
+  naming the changed keys, before anything of the run is written.
+* A branch (`--anneal-from CKPT --anneal-steps N`) derives its schedule from its parent's: the parent's WSA
+  schedule with the stable phase ending at the branch step, then N anneal steps (`schedule.branch`), and its
+  anneal mixture when given. `branch_config` derives it from the lineage, the same on start and on resume.
+* Resume takes the newest complete checkpoint whose files check out against its marker; each rank checks a
+  share of the files, and a damaged checkpoint is named and passed over for the one before it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import yaml
+
+from cprec import checkpoint as ckpt
+from cprec import schedule as wsa
+from cprec.config import to_dict
+from cprec.data.shards import ShardSet
+from cprec.errors import CPRecError
+from cprec.schedule import ScheduleConfig
+
+if TYPE_CHECKING:
+    from cprec.train.loop import TrainConfig
+
+# keys whose change does not change what a resumed run computes
+NON_SEMANTIC = {"run_dir", "checkpoint", "loader_workers", "log_every", "tensorboard", "plots", "max_steps"}
+NO_PARENT = {"parent": None}
+
+
+def config_hash(cfg: TrainConfig) -> str:
+    semantic = {k: v for k, v in to_dict(cfg).items() if k not in NON_SEMANTIC}
+    return hashlib.sha256(json.dumps(semantic, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """`key: old -> new` for every leaf that differs between two config dicts."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += config_differences(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}: {va!r} -> {vb!r}")
+    return out
+
+
+@contextlib.contextmanager
+def writing(run: Path):
+    """Name the run directory when writing into it fails (a read-only or full disk), not a bare OSError."""
+    try:
+        yield
+    except OSError as exc:
+        raise CPRecError(f"cannot write the run directory {run}: {exc.strerror or exc} "
+                         f"({exc.filename or run}); choose a writable run_dir or make room") from None
+
+
+# ---------------------------------------------------------------- lineage and branches
+
+def new_branch(anneal_from: str, anneal_steps: int | None, mixture: dict | None, shape: str | None,
+               ckpt_root: Path) -> tuple[dict, dict]:
+    """(lineage, parent's training state) of a new anneal branch from a complete stable-phase checkpoint."""
+    source = Path(anneal_from)
+    state = ckpt.read_state(source)
+    if anneal_steps is None or anneal_steps < 1:
+        raise CPRecError("--anneal-from needs --anneal-steps N (N >= 1)")
+    if ckpt.complete_tags(ckpt_root):
+        raise CPRecError(f"{ckpt_root.parent} already holds checkpoints; a branch starts a new run directory")
+    lineage = {"parent": {"run_dir": str(source.parent.parent), "checkpoint": str(source), "step": state["step"],
+                          "config_hash": state["config_hash"], "schedule": state["schedule"]},
+               "anneal_steps": anneal_steps, "anneal_shape": shape, "anneal_mixture": mixture}
+    return lineage, state
+
+
+def read_lineage(run: Path) -> dict:
+    """A run's lineage as written at its start (without the config hash stored beside it)."""
+    path = run / "lineage.json"
+    if not path.is_file():
+        return dict(NO_PARENT)
+    return {k: v for k, v in json.loads(path.read_text()).items() if k != "config_hash"}
+
+
+def branch_config(cfg: TrainConfig, lineage: dict) -> TrainConfig:
+    """The config a branch runs: its parent's schedule cut at the branch step with its own anneal, and its
+    anneal mixture. A run without a parent runs its config as it is."""
+    parent = lineage.get("parent")
+    if not parent:
+        return cfg
+    schedule = wsa.branch(ScheduleConfig(**parent["schedule"]), parent["step"], lineage["anneal_steps"],
+                          lineage.get("anneal_shape"))
+    mixtures = dict(cfg.phase_mixtures)
+    if lineage.get("anneal_mixture"):
+        mixtures["anneal"] = lineage["anneal_mixture"]
+    return dataclasses.replace(cfg, schedule=schedule, phase_mixtures=mixtures)
+
+
+# ---------------------------------------------------------------- what may be resumed
+
+def resume_tag(ckpt_root: Path, rank: int, world: int) -> str | None:
+    """The newest complete checkpoint whose files check out (collective: every rank checks a share)."""
+    tags = ckpt.complete_tags(ckpt_root)
+    latest = ckpt.latest_complete(ckpt_root)
+    order = ([latest] if latest else []) + [t for t in reversed(tags) if t != latest]
+    for tag in order:
+        names = ckpt.checkpoint_files(ckpt_root / tag)[rank::world]
+        found = [None] * world
+        torch.distributed.all_gather_object(found, ckpt.file_problems(ckpt_root / tag, names))
+        problems = [p for share in found for p in share]
+        if not problems:
+            return tag
+        if rank == 0:
+            print(f"checkpoint {tag} is damaged ({'; '.join(problems)}); falling back to the one before it",
+                  flush=True)
+    if order:
+        raise CPRecError(f"no intact checkpoint to resume in {ckpt_root}: every complete one is damaged")
+    return None
+
+
+def check_same_config(run: Path, checkpoint: Path, cfg: TrainConfig, hash_: str) -> None:
+    """Refuse a resume whose config computes something else, naming the changed keys."""
+    if ckpt.read_state(checkpoint)["config_hash"] == hash_:
+        return
+    saved = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
+    diff = config_differences({k: v for k, v in saved.items() if k not in NON_SEMANTIC},
+                              {k: v for k, v in to_dict(cfg).items() if k not in NON_SEMANTIC})
+    raise CPRecError(f"refusing to resume {run}: the config changed ({'; '.join(diff) or 'hash'}); "
+                     f"start a new run or an anneal branch instead")
+
+
+def check_vocabulary(shards: str, model_vocab: int) -> None:
+    shards_vocab = ShardSet(shards).index["tokenizer"]["vocab_size"]
+    if shards_vocab > model_vocab:
+        raise CPRecError(f"{shards} was packed with a tokenizer of {shards_vocab:,} tokens, more than the model's "
+                         f"vocabulary ({model_vocab:,}): its token ids would index past the embeddings; pack with "
+                         f"the model's tokenizer")
+
+
+# ---------------------------------------------------------------- the directory's files
+
+def open_directory(run: Path) -> None:
+    """Rank 0, at start: the directory exists and saves killed half-way are gone."""
+    with writing(run):
+        run.mkdir(parents=True, exist_ok=True)
+        removed = ckpt.remove_incomplete(run / "checkpoints")
+    if removed:
+        print(f"removed incomplete checkpoint(s) {', '.join(removed)} (interrupted saves)", flush=True)
+
+
+def write_run_files(run: Path, cfg: TrainConfig, model_config, tokenizer_folder: Path | None, lineage: dict) -> None:
+    """Rank 0, once the run is accepted: config.yaml, model/ (config and tokenizer, for export), lineage.json."""
+    with writing(run):
+        (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        model_dir = run / "model"
+        model_dir.mkdir(exist_ok=True)
+        model_config.save_pretrained(model_dir)
+        if tokenizer_folder is not None:
+            for f in Path(tokenizer_folder).iterdir():
+                if f.name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges")):
+                    shutil.copy(f, model_dir / f.name)
+        ckpt.write_json_atomic(run / "lineage.json", {**lineage, "config_hash": config_hash(cfg)})
+
+
+def truncate_metrics(run: Path, step: int) -> None:
+    """Keep the metrics of steps up to `step`: a resumed run writes the later ones again."""
+    path = run / "metrics.jsonl"
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
