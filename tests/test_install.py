@@ -141,3 +141,20 @@ def test_a_wheel_installed_outside_the_checkout_finds_what_it_reads(tmp_path):
     assert ckpt.read_state(elsewhere / "run" / "checkpoints" / ckpt.tag_for(3))["step"] == 3
     assert "--epochs" in run(str(env_dir / "bin" / "cprec"), "sft", "--help")
     assert "--sft-steps" in run(str(env_dir / "bin" / "cprec"), "quickstart", "--help")
+
+
+def test_training_on_a_cpu_machine_without_a_compiler(tmp_path):
+    """A slim image has no C++ compiler: nothing the trainer runs may need a JIT build (DeepSpeed builds its
+    shared-memory all-reduce on a CPU process group's first start unless told not to)."""
+    write_random_shardset(tmp_path / "shards", {"a": 16}, seq_len=16, shard_rows=8, vocab=64)
+    tiny = {"model_type": "llama", "vocab_size": 64, "hidden_size": 16, "intermediate_size": 32,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+            "max_position_embeddings": 16}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({
+        "shards": str(tmp_path / "shards"), "model": {"config": tiny, "name": None}, "global_batch": 2,
+        "schedule": {"warmup_steps": 1, "stable_steps": 1, "anneal_steps": 0}, "plots": False}))
+    env = {**os.environ, "CXX": str(tmp_path / "no-compiler"), "CC": str(tmp_path / "no-compiler"),
+           "TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_extensions")}  # nothing built here before
+    proc = subprocess.run([sys.executable, "-m", "cprec.cli", "train", "--config", str(tmp_path / "tiny.yaml"),
+                           f"run_dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=600, env=env)
+    _assert_trained(tmp_path / "run", proc)

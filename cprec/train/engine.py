@@ -58,6 +58,11 @@ def init_distributed():
     if not cuda and "OMP_NUM_THREADS" not in os.environ:  # the deepspeed launcher does not set it
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    if not cuda:
+        # DeepSpeed builds its shared-memory all-reduce (used by inference only, never by training) the first
+        # time a CPU process group starts: a C++ JIT build that fails where no compiler is installed (slim
+        # images) and costs a minute on a fresh machine. DeepSpeed keeps this table for such edits.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

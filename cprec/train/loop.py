@@ -175,7 +175,8 @@ class Trainer:
             if self.plan.data_phase(phase) != self.stream.state.phase:  # a phase with its own mixture begins
                 self.stream.enter_phase(self.plan.data_phase(phase), self.plan.mixture(self.plan.data_phase(phase)))
                 batches = None
-            batches = batches or self._batches()
+            if batches is None:
+                batches = self._batches()
             last = self._one_step(phase, batches)
             metrics.on_step(last)
             stop = self._agreed_stop()
