@@ -20,7 +20,7 @@ from pathlib import Path
 from cprec import checkpoint as ckpt
 from cprec import resources
 from cprec.config import load_config
-from cprec.data.prepare import stream_name
+from cprec.data.prepared import sft_stream, stream_name
 from cprec.data.shards import ShardSet
 from cprec.data.stream import default_mixture
 from cprec.errors import CPRecError
@@ -33,7 +33,7 @@ def sft_mixture(shards: str | Path, domains: list[str]) -> dict[str, float]:
     streams = {name: st for name, st in ShardSet(shards).streams.items() if st["kind"] == "sft"}
     mixture = {}
     for domain in domains:
-        name = domain if domain in streams else f"sft-{stream_name(domain)}"
+        name = domain if domain in streams else sft_stream(stream_name(domain))
         if name not in streams:
             raise CPRecError(f"{shards}: no fine-tuning stream for domain '{domain}' (fine-tuning streams: "
                              f"{', '.join(streams) or 'none'})")

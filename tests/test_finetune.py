@@ -117,7 +117,8 @@ def test_every_shipped_config_loads_and_validates():
     from pathlib import Path
 
     from cprec.config import load_config
-    from cprec.data.prepare import MIXED_STREAM, MOVIELENS_PRETRAIN, PrepareConfig, stream_name
+    from cprec.data.prepare import MOVIELENS_PRETRAIN, PrepareConfig
+    from cprec.data.prepared import MIXED_STREAM, stream_name
     from cprec.train.engine import build_ds_config
     from cprec.train.loop import TrainConfig
 

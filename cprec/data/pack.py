@@ -31,7 +31,7 @@ from tqdm import tqdm
 from cprec import __version__
 from cprec.backbone import load_tokenizer, resolve_tokenizer, tokenizer_identity
 from cprec.data import shards
-from cprec.data.prepare import read_manifest
+from cprec.data.prepared import MANIFEST, Prepared
 from cprec.errors import CPRecError
 
 PACKER_VERSION = 1  # bump when the packing of the same documents changes, so old shards are not reused
@@ -57,32 +57,13 @@ class PackConfig:
             raise CPRecError(f"max_split_fraction must be in [0, 1], got {self.max_split_fraction}")
 
 
-def prepared_streams(input_dir: Path) -> tuple[dict, list[tuple[str, Path, str]]]:
-    """The prepared manifest and its streams: (name, documents file, kind) with kind pretrain or sft."""
-    manifest = read_manifest(input_dir)
-    streams = [(name, input_dir / "documents" / f"{name}.jsonl", "pretrain") for name in manifest["streams"]]
-    for domain in manifest["domains"]["downstream"]:
-        slug = manifest["domains"]["streams"][domain]
-        streams.append((f"sft-{slug}", input_dir / "downstream" / slug / "sft.jsonl", "sft"))
+def prepared_streams(prepared: Prepared) -> list[tuple[str, Path, str]]:
+    """The prepared directory's streams: (name, documents file, kind) with kind pretrain or sft; each exists."""
+    streams = prepared.pack_streams()
     for name, file, _ in streams:
         if not file.is_file():
-            raise CPRecError(f"{file}: missing (stream '{name}' is listed in {input_dir / 'manifest.json'})")
-    return manifest, streams
-
-
-def check_budget(input_dir: Path, manifest: dict, tokenizer_hash: str, seq_len: int) -> None:
-    """Refuse a seq_len shorter than the prepared documents: prepare budgeted them in this tokenizer's tokens
-    for rows of window_tokens + 1 (the document plus EOS), so a shorter row would cut every full window.
-    A budget in characters, or in another tokenizer's tokens, says nothing here: the split fraction decides."""
-    budget = manifest.get("budget") or {}
-    if budget.get("unit") != "tokens" or (budget.get("tokenizer") or {}).get("hash") != tokenizer_hash:
-        return
-    needed = int(budget["size"]) + 1
-    if seq_len < needed:
-        raise CPRecError(f"seq_len={seq_len} is shorter than the documents of {input_dir}: prepare budgeted them at "
-                         f"window_tokens={needed - 1} tokens of this tokenizer, which need seq_len={needed} (EOS "
-                         f"included); pack with --seq-len {needed} or more, or re-run prepare with "
-                         f"window_tokens={seq_len - 1}")
+            raise CPRecError(f"{file}: missing (stream '{name}' is listed in {prepared.root / MANIFEST})")
+    return streams
 
 
 def check_splits(streams: dict, seq_len: int, max_fraction: float) -> None:
@@ -436,14 +417,15 @@ def pack(input_dir: str | Path, tokenizer: str, out: str | Path, cfg: PackConfig
     """
     cfg.validate()
     input_dir, out = Path(input_dir), Path(out)
-    manifest, streams = prepared_streams(input_dir)
+    prepared = Prepared(input_dir)
+    manifest, streams = prepared.manifest, prepared_streams(prepared)
     folder = resolve_tokenizer(tokenizer)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: the worker count is the core count
     tok = load_tokenizer(folder)
     if tok.eos_token_id is None:
         raise CPRecError(f"tokenizer {folder} has no EOS token; documents need one")
     ident = tokenizer_identity(folder, tok, tokenizer if tokenizer == "smollm2" else Path(folder).name)
-    check_budget(input_dir, manifest, ident["hash"], cfg.seq_len)
+    prepared.check_row_length(ident["hash"], cfg.seq_len)
     try:
         return _pack(input_dir, folder, tok, ident, out, cfg, manifest, streams)
     except OSError as exc:
@@ -483,7 +465,7 @@ def _pack(input_dir: Path, folder, tok, ident: dict, out: Path, cfg: PackConfig,
         "dtype": dtype.name, "pad_id": settings["pad_id"], "eos_id": settings["eos_id"], "tokenizer": ident,
         "template_version": manifest["template_version"], "cprec_version": __version__,
         "source": {"prepared": str(input_dir), "manifest_sha256": hashlib.sha256(
-            (input_dir / "manifest.json").read_bytes()).hexdigest()[:32]},
+            (input_dir / MANIFEST).read_bytes()).hexdigest()[:32]},
         "settings": {"packer": PACKER_VERSION, "shard_rows": cfg.shard_rows, "chars_per_token": ratio,
                      "zstd_level": cfg.zstd_level},
         "streams": {name: _stream_totals(kinds[name], es, cfg.seq_len) for name, es in entries.items()},

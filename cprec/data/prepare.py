@@ -8,12 +8,13 @@ Output directory (written under `<out>.partial` and renamed when complete):
     items.jsonl                   kept items: domain, title, source id, interactions
     documents/<stream>.jsonl      pre-training documents {stream, user, text, prompt_chars}; one stream per
                                   pre-training domain plus `mixed`
-    downstream/<domain>/train.jsonl   {user, items}: the training prefix
-    downstream/<domain>/valid.jsonl   {user, history, target}: target = second to last item
-    downstream/<domain>/test.jsonl    {user, history, target}: target = last item
-    downstream/<domain>/sft.jsonl     fine-tuning examples rendered from the training prefix
+    downstream/<slug>/train.jsonl     {user, items}: the training prefix
+    downstream/<slug>/valid.jsonl     {user, history, target}: target = second to last item
+    downstream/<slug>/test.jsonl      {user, history, target}: target = last item
+    downstream/<slug>/sft.jsonl       fine-tuning examples rendered from the training prefix
 
-`prompt_chars` is the DESIGN's `prompt_len` counted in characters of `text`; pack turns it into tokens.
+The layout, the manifest reader and the stream names belong to `cprec.data.prepared`. `prompt_chars` is the
+design notes' `prompt_len` counted in characters of `text`; pack turns it into tokens.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from __future__ import annotations
 import array
 import collections
 import json
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -33,13 +33,13 @@ from tqdm import tqdm
 from cprec import __version__
 from cprec.config import to_dict
 from cprec.data import cleaning, template
+from cprec.data.prepared import MIXED_STREAM, is_prepared, stream_name
 from cprec.data.readers import AmazonReviews, MovieLens1M, TableSource
 from cprec.data.rejects import RejectLog
 from cprec.data.synthetic import SyntheticConfig, SyntheticWorld
 from cprec.errors import CPRecError
 
 SOURCES = ("movielens-1m", "amazon2018", "amazon2023", "csv", "parquet", "synthetic")
-MIXED_STREAM = "mixed"
 # The seven largest first-genres of MovieLens-1M pre-train; three others are the unseen downstream domains.
 MOVIELENS_PRETRAIN = ["Comedy", "Action", "Drama", "Horror", "Adventure", "Crime", "Animation"]
 MOVIELENS_DOWNSTREAM = ["Children's", "Thriller", "Sci-Fi"]
@@ -130,22 +130,6 @@ class Budget:
 
     def describe(self) -> dict:
         return {"unit": self.unit, "size": self.size, "tokenizer": self.identity}
-
-
-def read_manifest(prepared: Path) -> dict:
-    """The manifest of a directory written by `prepare`; an error naming the file otherwise."""
-    path = Path(prepared) / "manifest.json"
-    if not path.is_file():
-        raise CPRecError(f"{path}: missing; expected a directory written by `cprec prepare`")
-    manifest = json.loads(path.read_text(encoding="utf-8"))
-    if manifest.get("stage") != "prepare":
-        raise CPRecError(f"{path}: not a prepare manifest (stage={manifest.get('stage')!r})")
-    return manifest
-
-
-def stream_name(domain: str) -> str:
-    """A file-system-safe stream name for a domain ("Children's" -> "children-s")."""
-    return re.sub(r"[^a-z0-9]+", "-", domain.lower()).strip("-") or "domain"
 
 
 class _Log:
@@ -415,13 +399,6 @@ def prepare(cfg: PrepareConfig, out: str | Path, overwrite: bool = False) -> dic
     return manifest
 
 
-def _is_prepared(path: Path) -> bool:
-    try:
-        return json.loads((path / "manifest.json").read_text(encoding="utf-8")).get("stage") == "prepare"
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def _check_output(out: Path, overwrite: bool) -> None:
     """Refuse an output path that cannot take the result now, before any work is done."""
     if out.exists() and not out.is_dir():
@@ -429,7 +406,7 @@ def _check_output(out: Path, overwrite: bool) -> None:
                          f"a directory) or remove the file")
     if out.exists() and not overwrite:
         raise CPRecError(f"output directory {out} exists; pass --overwrite to replace it")
-    if out.exists() and any(out.iterdir()) and not _is_prepared(out):
+    if out.exists() and any(out.iterdir()) and not is_prepared(out):
         raise CPRecError(f"output directory {out} is not an earlier prepare output (no prepare manifest.json); "
                          f"--overwrite replaces only those, never another folder: choose a new --out")
     above = next(p for p in out.parents if p.exists())

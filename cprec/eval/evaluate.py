@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cprec.data import template
-from cprec.data.prepare import read_manifest
+from cprec.data.prepared import read_manifest
 from cprec.data.stream import _key
 from cprec.errors import CPRecError
 from cprec.eval.metrics import HR_KS, NDCG_KS, rank_against_ties, ranking_metrics

@@ -1,0 +1,99 @@
+"""The prepared directory: what `cprec prepare` writes and pack, evaluation, SASRec and fine-tuning read.
+The one owner of its layout, its manifest and its stream names.
+
+    manifest.json                  what made it (see `prepare`), `stage: prepare`
+    items.jsonl                    {domain, title, source_id, interactions}
+    documents/<stream>.jsonl       pre-training documents, one stream per pre-training domain plus `mixed`
+    downstream/<slug>/{train,valid,test,sft}.jsonl   a held-out domain's splits and fine-tuning examples
+
+A domain's stream name (its slug) is file-system safe: "Children's" -> `children-s`; the manifest records
+the mapping under `domains.streams`. A held-out domain's fine-tuning examples pack into the stream
+`sft-<slug>`. The manifest's `budget` says how long a document may be: in characters, or in tokens of one
+tokenizer, which a packed row (document plus EOS) must hold.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from cprec.errors import CPRecError
+
+MANIFEST = "manifest.json"
+MIXED_STREAM = "mixed"
+SPLITS = ("train", "valid", "test", "sft")
+
+
+def stream_name(domain: str) -> str:
+    """A file-system-safe stream name for a domain ("Children's" -> "children-s")."""
+    return re.sub(r"[^a-z0-9]+", "-", domain.lower()).strip("-") or "domain"
+
+
+def sft_stream(slug: str) -> str:
+    """The packed stream of a held-out domain's fine-tuning examples."""
+    return f"sft-{slug}"
+
+
+def read_manifest(prepared: str | Path) -> dict:
+    """The manifest of a directory written by `prepare`; an error naming the file otherwise."""
+    path = Path(prepared) / MANIFEST
+    if not path.is_file():
+        raise CPRecError(f"{path}: missing; expected a directory written by `cprec prepare`")
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    if manifest.get("stage") != "prepare":
+        raise CPRecError(f"{path}: not a prepare manifest (stage={manifest.get('stage')!r})")
+    return manifest
+
+
+def is_prepared(path: Path) -> bool:
+    try:
+        return json.loads((path / MANIFEST).read_text(encoding="utf-8")).get("stage") == "prepare"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+class Prepared:
+    """A prepared directory, opened: its manifest and the paths of its files."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.manifest = read_manifest(self.root)
+
+    @property
+    def downstream_domains(self) -> list[str]:
+        return list(self.manifest["domains"]["downstream"])
+
+    def slug(self, domain: str) -> str:
+        return self.manifest["domains"]["streams"][domain]
+
+    @property
+    def items(self) -> Path:
+        return self.root / "items.jsonl"
+
+    def documents(self, stream: str) -> Path:
+        return self.root / "documents" / f"{stream}.jsonl"
+
+    def downstream(self, domain: str, split: str) -> Path:
+        assert split in SPLITS, split
+        return self.root / "downstream" / self.slug(domain) / f"{split}.jsonl"
+
+    def pack_streams(self) -> list[tuple[str, Path, str]]:
+        """Every stream pack makes: (name, documents file, kind), the pre-training streams then `sft-*`."""
+        streams = [(name, self.documents(name), "pretrain") for name in self.manifest["streams"]]
+        streams += [(sft_stream(self.slug(d)), self.downstream(d, "sft"), "sft") for d in self.downstream_domains]
+        return streams
+
+    def check_row_length(self, tokenizer_hash: str, seq_len: int) -> None:
+        """Refuse rows shorter than the prepared documents: prepare budgeted them in this tokenizer's tokens for
+        rows of window_tokens + 1 (the document plus EOS), so a shorter row would cut every full window. A
+        budget in characters, or in another tokenizer's tokens, says nothing here."""
+        budget = self.manifest.get("budget") or {}
+        if budget.get("unit") != "tokens" or (budget.get("tokenizer") or {}).get("hash") != tokenizer_hash:
+            return
+        needed = int(budget["size"]) + 1
+        if seq_len < needed:
+            raise CPRecError(f"seq_len={seq_len} is shorter than the documents of {self.root}: prepare budgeted "
+                             f"them at window_tokens={needed - 1} tokens of this tokenizer, which need "
+                             f"seq_len={needed} (EOS included); pack with --seq-len {needed} or more, or re-run "
+                             f"prepare with window_tokens={seq_len - 1}")
