@@ -224,7 +224,8 @@ def test_two_node_rendezvous_on_localhost(work):
 
 
 def test_deepspeed_launcher_runs_two_ranks(work):
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2",  # this environment's launcher "--master_port", str(free_port()), str(REPO / "launch" / "train.py"),
+    launcher = Path(sys.executable).parent / "deepspeed"  # this environment's, activated or not
+    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), str(REPO / "launch" / "train.py"),
            "--config", str(work / "tiny.yaml"), f"run_dir={work / 'ds_launcher'}", "max_steps=2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
