@@ -12,6 +12,7 @@ value silently falls back to 120 s); munge's socket folder must be world-executa
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -48,6 +49,21 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process under `pid` (children, their children, ...), from /proc."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            # the command name (field 2) may hold spaces: the parent's pid is the 2nd field after its ')'
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [p for p, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
 
 
 def _real_memory_mb() -> int:
@@ -209,14 +225,17 @@ class SlurmCluster:
     # ---- stop
     def stop(self) -> list[int]:
         """Cancel every job, stop the daemons by their pid, then kill any slurmstepd of this cluster still
-        alive. Returns the pids of those strays (empty when everything stopped by itself)."""
+        alive, with the job processes under it. Returns the pids of those slurmstepd (empty when everything
+        stopped by itself)."""
         if self.procs.get("slurmctld") and self.procs["slurmctld"].poll() is None:
             self._cancel_all_jobs()
         for name in reversed(DAEMONS):
             self._stop_daemon(name)
         strays = self.step_daemons()
-        for pid in strays:
-            os.kill(pid, signal.SIGKILL)
+        doomed = [p for pid in strays for p in (pid, *_descendants(pid))]  # listed first: orphans are untraceable
+        for pid in doomed:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         return strays
 
     def _cancel_all_jobs(self, timeout: float = 60) -> None:
