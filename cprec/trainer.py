@@ -35,6 +35,7 @@ from cprec.errors import CPRecError
 from cprec.data.shards import ShardSet
 from cprec.data.stream import default_mixture
 from cprec.schedule import ScheduleConfig
+from cprec.tracking import WandbConfig, start_wandb
 
 KILL_IN_SAVE_ENV = "CPREC_TEST_KILL_IN_SAVE"  # test hook: "stepNNNNNNNN" kills the job during that save
 TASKS = ("pretrain", "sft")  # which kind of packed stream the default mixture takes
@@ -86,6 +87,7 @@ class TrainConfig:
     loader_workers: int = 0
     log_every: int = 1
     tensorboard: bool = False
+    wandb: WandbConfig | None = None  # Weights & Biases: {project, name, mode}; see cprec/tracking.py
     plots: bool = True
     max_steps: int | None = None  # stop after this many steps in this process (the schedule is unchanged)
 
@@ -110,7 +112,7 @@ class TrainConfig:
 
 
 # keys whose change does not change what a resumed run computes
-_NON_SEMANTIC = {"run_dir", "checkpoint", "loader_workers", "log_every", "tensorboard", "plots", "max_steps"}
+_NON_SEMANTIC = {"run_dir", "checkpoint", "loader_workers", "log_every", "tensorboard", "wandb", "plots", "max_steps"}
 
 
 def config_hash(cfg: TrainConfig) -> str:
@@ -549,6 +551,7 @@ class Trainer:
         total = self.schedule.total_steps
         end = total if cfg.max_steps is None else min(total, self.step + cfg.max_steps)
         writer = self._tensorboard()
+        self._tracking = start_wandb(cfg.wandb if self.rank == 0 else None, self.run, to_dict(cfg))
         progress = None
         if self.rank == 0:
             from tqdm import tqdm
@@ -602,6 +605,7 @@ class Trainer:
             progress.close()
         if writer is not None:
             writer.close()
+        self._tracking.finish()
         if self.rank == 0 and cfg.plots and self.step >= total:
             plot_run(self.run)
         return last
@@ -636,6 +640,7 @@ class Trainer:
             return
         with _writing(self.run), open(self.run / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
+        self._tracking.log(record)
         if writer is not None:
             for key in ("lr", "loss", "tokens_per_s", "grad_norm"):
                 if record.get(key) is not None:
