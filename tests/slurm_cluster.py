@@ -99,6 +99,10 @@ class SlurmCluster:
         return self
 
     def _write_files(self) -> None:
+        try:  # jobs reach the first node by its name (the sbatch script's rendezvous address)
+            socket.gethostbyname(self.node)
+        except OSError:
+            raise RuntimeError(f"this host's name {self.node!r} does not resolve: add it to /etc/hosts") from None
         munge = self.root / "munge"
         munge.mkdir(parents=True)
         munge.chmod(0o755)  # the socket's folder: world-executable, as munge's clients need
