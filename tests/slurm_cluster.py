@@ -146,6 +146,7 @@ class SlurmCluster:
             "MpiDefault=none",
             "MailProg=/bin/true",
             "SchedulerType=sched/backfill",
+            "SchedulerParameters=sched_interval=1",  # a requeued job starts once eligible, not at the next minute
             "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_CPU",
             "ReturnToService=2",

@@ -3,7 +3,7 @@ launch/slurm_anneal.sbatch, two CPU ranks through the script's torchrun rendezvo
 
 To the end; pre-empted (warning signal -> checkpoint -> requeue -> resume, with the uninterrupted run's
 losses); cancelled (SIGTERM to every process, DataLoader workers included, still saves); a job array of
-anneal branches. Each job spends ~20 s starting two ranks on two cores; the steps take ~0.1 s.
+anneal branches. Each job spends 20-40 s starting two ranks on two cores; the steps take ~0.1 s.
 """
 
 import json
