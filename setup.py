@@ -48,6 +48,7 @@ setup(
     extras_require={
         "gpu": ["flash-attn>=2.6"],
         "test": ["pytest>=8"],
+        "wandb": ["wandb>=0.17"],  # `wandb:` in the training config (cprec/tracking.py)
     },
     entry_points={"console_scripts": ["cprec=cprec.cli:main"]},
     cmdclass={"build_py": BuildPyWithShippedFiles},

@@ -99,3 +99,18 @@ def prepared_small(tmp_path_factory, tiny_tokenizer) -> Path:
                                     "tokenizer": str(tiny_tokenizer), "window_tokens": 127})
     prepare(cfg, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A one-node Slurm cluster on localhost (tests/slurm_cluster.py), stopped after the session; the test is
+    skipped, with the reason, where Slurm and munge are not installed."""
+    from tests.slurm_cluster import SlurmCluster, skip_reason
+
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    yield cluster
+    strays = cluster.stop()
+    assert not strays, f"slurmstepd processes outlived the cluster (killed): {strays}"

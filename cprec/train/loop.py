@@ -25,11 +25,13 @@ import torch
 
 from cprec import checkpoint as ckpt
 from cprec import schedule as wsa
+from cprec.config import to_dict
 from cprec.data.mixture import MixturePlan
 from cprec.data.shards import ShardSet
 from cprec.data.stream import PackedStream
 from cprec.errors import CPRecError
 from cprec.schedule import ScheduleConfig
+from cprec.tracking import WandbConfig, start_wandb
 from cprec.train import run as runs
 from cprec.train.checkpointing import CheckpointConfig, Checkpointer, load_engine
 from cprec.train.engine import ModelConfig, OptimConfig, build_ds_config, build_model, init_distributed
@@ -59,6 +61,7 @@ class TrainConfig:
     loader_workers: int = 0
     log_every: int = 1
     tensorboard: bool = False
+    wandb: WandbConfig | None = None  # Weights & Biases: {project, name, mode}; see cprec/tracking.py
     plots: bool = True
     max_steps: int | None = None  # stop after this many steps in this process (the schedule is unchanged)
 
@@ -165,8 +168,9 @@ class Trainer:
     def fit(self) -> dict:
         total = self.schedule.total_steps
         end = total if self.cfg.max_steps is None else min(total, self.step + self.cfg.max_steps)
+        tracking = start_wandb(self.cfg.wandb if self.rank == 0 else None, self.run, to_dict(self.cfg))
         metrics = MetricsLog(self.run, self.rank, total, self.step, self.cfg.log_every, self.cfg.tensorboard,
-                             self.cfg.plots)
+                             self.cfg.plots, tracking)
         if self.cfg.max_steps == 0 and not ckpt.complete_tags(self.ckpt_root):
             self.save()  # materialise the starting point (e.g. a branch's loaded weights and moments)
         batches, last = None, {}

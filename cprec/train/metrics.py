@@ -1,5 +1,6 @@
-"""What a run reports: `metrics.jsonl` (one record per logged step), TensorBoard scalars, a progress bar, and
-the learning-rate and per-stream loss plots drawn at the end. Only rank 0 reports.
+"""What a run reports: `metrics.jsonl` (one record per logged step), TensorBoard scalars, Weights & Biases
+(`cprec.tracking`), a progress bar, and the learning-rate and per-stream loss plots drawn at the end. Only
+rank 0 reports.
 
 A record holds step, phase, lr, loss, loss and tokens per stream, tokens/s, grad norm, seconds, and MFU on
 known GPUs (6 x parameters x tokens/s over the GPUs' dense bf16 peak; attention FLOPs left out).
@@ -39,8 +40,9 @@ class MetricsLog:
     """Rank 0's reporting of one process's steps; every other rank's is a no-op."""
 
     def __init__(self, run: Path, rank: int, total_steps: int, first_step: int, log_every: int,
-                 tensorboard: bool, plots: bool):
+                 tensorboard: bool, plots: bool, tracking):
         self.run, self.active, self.total, self.log_every, self.plots = run, rank == 0, total_steps, log_every, plots
+        self.tracking = tracking  # cprec.tracking: Weights & Biases, or nothing
         self.writer = self.progress = None
         if not self.active:
             return
@@ -63,6 +65,7 @@ class MetricsLog:
             return
         with writing(self.run), open(self.run / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
+        self.tracking.log(record)
         if self.writer is not None:
             for key in ("lr", "loss", "tokens_per_s", "grad_norm"):
                 if record.get(key) is not None:
@@ -76,6 +79,7 @@ class MetricsLog:
         self.progress.close()
         if self.writer is not None:
             self.writer.close()
+        self.tracking.finish()
         if self.plots and finished:
             plot_run(self.run)
 

@@ -1,0 +1,171 @@
+"""Slurm for real: a one-node cluster on localhost (tests/slurm_cluster.py) runs launch/slurm_train.sbatch and
+launch/slurm_anneal.sbatch, two CPU ranks through the script's torchrun rendezvous, a tiny random Llama.
+
+To the end; pre-empted (warning signal -> checkpoint -> requeue -> resume, with the uninterrupted run's
+losses); cancelled (SIGTERM to every process, DataLoader workers included, still saves); a job array of
+anneal branches. Each job spends 20-40 s starting two ranks on two cores; the steps take ~0.1 s.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cprec import checkpoint as ckpt
+from cprec.data.shards import write_random_shardset
+from tests.test_trainer import TINY, free_port
+
+REPO = Path(__file__).resolve().parents[1]
+# long enough a stable phase that the warning signal, sent after a few steps, lands well before the end
+SCHEDULE = {"peak_lr": 0.003, "min_lr": 0.0003, "warmup_steps": 2, "stable_steps": 60, "anneal_steps": 4,
+            "anneal_shape": "cosine"}
+TOTAL = 66
+BRANCH_EVERY = 20  # the straight run keeps the stable checkpoints at steps 20, 40 and 60 as branch points
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("slurm_work")
+    write_random_shardset(root / "shards", {"a": 200, "b": 100, "mixed": 60}, seq_len=32, shard_rows=16, vocab=128)
+    config = {"shards": str(root / "shards"), "model": {"name": None, "config": TINY}, "global_batch": 8,
+              "micro_batch": 2, "schedule": SCHEDULE, "mixture": {"a": 0.5, "b": 0.3, "mixed": 0.2},
+              "checkpoint": {"every": 1000, "keep_last": 2}, "plots": False}
+    (root / "tiny.yaml").write_text(yaml.safe_dump(config))
+    return root
+
+
+def submit(cluster, work: Path, script: str, *args: str, sbatch_options: tuple = ()) -> str:
+    """sbatch launch/SCRIPT from the repository root, as the README does, on this CPU node: two ranks, the
+    node's CPUs, the log in `work` (--chdir); this interpreter's torchrun first on PATH."""
+    env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "CPREC_NPROC_PER_NODE": "2",
+           "MASTER_PORT": str(free_port())}
+    return cluster.sbatch("--nodes=1", f"--cpus-per-task={os.cpu_count()}", f"--chdir={work}", *sbatch_options,
+                          str(REPO / "launch" / script), *args, cwd=REPO, env=env)
+
+
+def metrics(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def wait_for_steps(cluster, job: str, run: Path, steps: int, timeout: float = 240) -> None:
+    """Until `run` has logged `steps` steps; fails at once if the job ended before."""
+    deadline = time.monotonic() + timeout
+    while len(metrics(run)) < steps:
+        state = cluster.job(job)["JobState"]
+        assert state in ("PENDING", "CONFIGURING", "RUNNING"), f"job {job} is {state} before step {steps}"
+        assert time.monotonic() < deadline, f"job {job}: no step {steps} within {timeout:.0f} s"
+        time.sleep(0.1)
+
+
+def job_log(work: Path, job: str) -> str:
+    return (work / f"cprec-{job}.out").read_text()
+
+
+@pytest.fixture(scope="module")
+def straight(slurm_cluster, work):
+    """`sbatch launch/slurm_train.sbatch CONFIG run_dir=...`, uninterrupted: the reference run."""
+    run = work / "straight"
+    job = submit(slurm_cluster, work, "slurm_train.sbatch", str(work / "tiny.yaml"), f"run_dir={run}",
+                 f"checkpoint.branch_every={BRANCH_EVERY}")
+    return run, job, slurm_cluster.wait_finished(job)[0]
+
+
+@pytest.mark.slurm
+def test_sbatch_runs_to_the_end_on_two_ranks(straight, work):
+    run, job, record = straight
+    assert (record["JobState"], record["ExitCode"], record["Restarts"]) == ("COMPLETED", "0:0", "0"), \
+        job_log(work, job)[-3000:]
+    assert [r["step"] for r in metrics(run)] == list(range(1, TOTAL + 1))
+    state = ckpt.read_state(run / "checkpoints" / ckpt.tag_for(TOTAL))
+    assert state["world_size"] == 2 and state["step"] == TOTAL
+    assert f"job {job}, restart 0: 1 node(s) x 2 ranks" in job_log(work, job)
+
+
+@pytest.mark.slurm
+def test_warning_signal_saves_requeues_and_resumes_with_the_same_losses(slurm_cluster, work, straight):
+    run = work / "preempted"
+    job = submit(slurm_cluster, work, "slurm_train.sbatch", str(work / "tiny.yaml"), f"run_dir={run}")
+    wait_for_steps(slurm_cluster, job, run, 3)
+    slurm_cluster.run("scancel", "--signal=USR1", "--batch", job)  # what --signal=B:USR1@120 sends
+    record = slurm_cluster.wait_finished(job)[0]
+    log = job_log(work, job)
+    assert (record["JobState"], record["ExitCode"], record["Restarts"]) == ("COMPLETED", "0:0", "1"), log[-3000:]
+    saved = re.search(r"SIGUSR1: saved (step\d{8}), exiting", log)
+    assert saved, log[-3000:]
+    tag = saved.group(1)
+    assert 3 <= int(tag[4:]) < TOTAL  # saved after the steps the test waited for, before the end
+    order = ["restart 0:", "pre-emption warning", f"SIGUSR1: saved {tag}, exiting", f"requeueing job {job}",
+             "restart 1:", f"resumed {run} at step {int(tag[4:])} from {tag}", f"step {TOTAL}: loss"]
+    positions = [log.find(line) for line in order]
+    assert -1 not in positions and positions == sorted(positions), list(zip(order, positions))
+    got, want = metrics(run), metrics(straight[0])
+    assert [r["step"] for r in got] == list(range(1, TOTAL + 1))
+    assert [r["loss"] for r in got] == [r["loss"] for r in want]  # bit-exact on CPUs
+
+
+@pytest.mark.slurm
+def test_scancel_saves_a_checkpoint_and_the_job_stays_cancelled(slurm_cluster, work):
+    run = work / "cancelled"
+    job = submit(slurm_cluster, work, "slurm_train.sbatch", str(work / "tiny.yaml"), f"run_dir={run}",
+                 "schedule.stable_steps=100000", "loader_workers=1")  # a worker: it gets SIGTERM too
+    wait_for_steps(slurm_cluster, job, run, 3)
+    slurm_cluster.run("scancel", job)
+    record = slurm_cluster.wait_finished(job)[0]
+    log = job_log(work, job)
+    assert (record["JobState"], record["Restarts"]) == ("CANCELLED", "0"), log[-3000:]
+    tag = ckpt.latest_complete(run / "checkpoints")
+    assert tag is not None, log[-3000:]
+    assert ckpt.read_state(run / "checkpoints" / tag)["step"] == metrics(run)[-1]["step"]
+    assert f"SIGTERM: saved {tag}, exiting" in log
+
+
+@pytest.mark.slurm
+def test_job_array_anneals_one_branch_per_task(slurm_cluster, work, straight):
+    parent = straight[0]
+    steps = (BRANCH_EVERY, 2 * BRANCH_EVERY)
+    job = submit(slurm_cluster, work, "slurm_anneal.sbatch", str(parent), ",".join(map(str, steps)), "3",
+                 sbatch_options=("--array=0-1",))
+    records = slurm_cluster.wait_finished(job)
+    logs = "\n".join(p.read_text() for p in sorted(work.glob(f"cprec-anneal-{job}_*.out")))
+    assert sorted((r["ArrayTaskId"], r["JobState"], r["ExitCode"]) for r in records) == \
+        [("0", "COMPLETED", "0:0"), ("1", "COMPLETED", "0:0")], logs[-3000:]
+    for step in steps:
+        branch = Path(f"{parent}_anneal{step}")
+        lineage = json.loads((branch / "lineage.json").read_text())
+        assert lineage["parent"]["step"] == step and lineage["anneal_steps"] == 3
+        records = metrics(branch)
+        assert [r["step"] for r in records] == [step + 1, step + 2, step + 3]
+        assert [r["phase"] for r in records] == ["anneal"] * 3 and records[0]["lr"] == SCHEDULE["peak_lr"]
+        assert records[0]["tokens_per_stream"] == metrics(parent)[step]["tokens_per_stream"]  # the data continues
+
+
+def anneal_script(tmp_path: Path, task: int, *args: str) -> subprocess.CompletedProcess:
+    """launch/slurm_anneal.sbatch as array task `task`, with a stand-in slurm_train.sbatch that prints its
+    arguments: what the task would train, without Slurm."""
+    fake = tmp_path / "repo" / "launch"
+    fake.mkdir(parents=True, exist_ok=True)
+    (fake / "slurm_train.sbatch").write_text('echo "$@"\n')
+    env = {**os.environ, "SLURM_ARRAY_TASK_ID": str(task), "SLURM_SUBMIT_DIR": str(tmp_path / "repo")}
+    return subprocess.run(["bash", str(REPO / "launch" / "slurm_anneal.sbatch"), *args], env=env,
+                          capture_output=True, text=True, cwd=tmp_path)
+
+
+def test_anneal_array_task_picks_its_branch_point_and_resumes_after_a_requeue(tmp_path):
+    run = "runs/x"
+    first = anneal_script(tmp_path, 1, run, "200,400", "50", "--mixture", "mixed=1")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.splitlines()[-1] == ("-- --anneal-from runs/x/checkpoints/step00000400 --anneal-steps 50 "
+                                             "run_dir=runs/x_anneal400 --mixture mixed=1")
+    (tmp_path / "runs" / "x_anneal400" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "runs" / "x_anneal400" / "checkpoints" / ckpt.LATEST).write_text(ckpt.tag_for(410))
+    again = anneal_script(tmp_path, 1, run, "200,400", "50", "--mixture", "mixed=1")
+    assert again.stdout.splitlines()[-1] == "-- --resume run_dir=runs/x_anneal400 --mixture mixed=1"
+    beyond = anneal_script(tmp_path, 2, run, "200,400", "50")
+    assert beyond.returncode == 2 and "array task 2 has no branch point: 200,400 lists 2" in beyond.stderr
