@@ -15,7 +15,8 @@ import yaml
 from cprec.config import from_dict
 from cprec.data.shards import write_random_shardset
 from cprec.errors import CPRecError
-from cprec.trainer import TrainConfig, config_hash
+from cprec.train.loop import TrainConfig
+from cprec.train.run import config_hash
 from cprec.tracking import RUN_ID_FILE, WandbTracking, flatten
 from tests.test_trainer import TINY
 
