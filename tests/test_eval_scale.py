@@ -55,14 +55,21 @@ def test_batched_scores_and_ranks_equal_the_one_user_path(tiny):
         np.testing.assert_allclose(scores, one, rtol=1e-5, atol=1e-5)
         assert [rank_against_ties(scores, i) for i in range(len(titles))] == \
             [rank_against_ties(one, i) for i in range(len(titles))]
+    # the sampled protocol's pruned ranking, for several targets, and with a cache too small to keep all
+    for target in (0, 3):
+        ranks = [rank_against_ties(tiny.score(p, c), target) for p, c in zip(prompts, cands)]
+        assert tiny.rank_users(prompts, cands, target) == ranks
+    assert len(set(ranks)) > 2  # the targets rank differently
+    small = BatchScorer(tiny.model, tiny.tok, row_nodes=24, tokens_per_pass=80, node_cache_bytes=20_000)
+    assert small.rank_users(prompts, cands, 3) == ranks
 
 
 def test_batched_full_ranking_is_the_exact_top_k(tiny):
-    prompts = user_prompts(4)
+    prompts = user_prompts(3)
     tree = PrefixTree([tiny.line_ids(t) for t in TITLES])
     brute = [tiny.score_naive(p, TITLES) for p in prompts]
     best = [np.argsort(-b, kind="stable") for b in brute]
-    for kwargs in ({"exhaustive": True}, {"beam": 1}, {"beam": 4}, {"beam": 4, "frontier": 3}):
+    for kwargs in ({"exhaustive": True}, {"beam": 1}, {"beam": 4, "frontier": 3}):
         for top, order, scores in zip(tiny.top_k_users(prompts, tree, 10, **kwargs), best, brute):
             assert_same_top(top, [(int(i), scores[i]) for i in order[:10]])
     everything = tiny.top_k_users(prompts[:2], tree, len(TITLES) + 5, beam=8)  # K above the catalogue size
@@ -96,7 +103,9 @@ def test_frontier_cap_on_a_20k_catalogue_keeps_the_exact_top_k(tiny_tokenizer):
     scorer = BatchScorer(model, tok, row_nodes=512, tokens_per_pass=8192)
     titles = SyntheticWorld(SyntheticConfig(domains=1, items_per_domain=20_000, themes=8, users=1)).titles[0]
     assert len(set(titles)) == 20_000
-    tree = PrefixTree([scorer.line_ids(t) for t in titles])
+    tree = PrefixTree(scorer.lines_ids(titles))
+    assert [scorer.line_ids(t) for t in titles[:50]] == [scorer.tok(t + "\n", add_special_tokens=False)["input_ids"]
+                                                       for t in titles[:50]]
     prompt = [render_example("Books", titles[40:45], None, 2000)[0]]
     exact = scorer.top_k_users(prompt, tree, 20, exhaustive=True)[0]
     free = scorer.top_k_users(prompt, tree, 20, beam=64, frontier=10**9)[0]
@@ -104,7 +113,7 @@ def test_frontier_cap_on_a_20k_catalogue_keeps_the_exact_top_k(tiny_tokenizer):
     assert_same_top(free, exact)
     assert uncapped > 100
     for cap in (uncapped // 2, 10):
-        scorer.stats = {"fallbacks": 0, "peak_frontier": 0}
+        scorer.reset_stats()
         capped = scorer.top_k_users(prompt, tree, 20, beam=64, frontier=cap)[0]
         assert scorer.stats["peak_frontier"] == cap  # the cap was reached and held
         assert_same_top(capped, exact)
@@ -113,7 +122,9 @@ def test_frontier_cap_on_a_20k_catalogue_keeps_the_exact_top_k(tiny_tokenizer):
 
 # ---------------------------------------------------------------- the command: ranks.jsonl, resume, ranks
 
-EVAL_ARGS = ["negatives=20", "batch_users=2", "row_nodes=32", "--users", "7", "--domains", "Games"]
+# exhaustive_below=21: the 21 sampled candidates are ranked by the pruned search, the 40 titles by best-first
+EVAL_ARGS = ["negatives=20", "batch_users=2", "row_nodes=32", "exhaustive_below=21", "--users", "7", "--domains",
+             "Games"]
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,9 @@
 
 Contract: every score is what `TitleScorer`'s one-user path computes for the same user and title (the summed
 log-probability of the title's line given the user's prompt) up to floating-point rounding, because every
-token is fed at the same position with the same context; full ranking returns exactly the top K of scoring
-every title. Tests check both against the one-user path and against brute force.
+token is fed at the same position with the same context; a sampled rank is the rank among those scores (ties
+count against the target); full ranking returns exactly the top K of scoring every title. Tests check all
+three against the one-user path and against brute force.
 
 How (the spec, beside the code):
 
@@ -14,18 +15,22 @@ How (the spec, beside the code):
 * **Trees.** A user's titles (candidates, or the catalogue) form a prefix tree of their lines' tokens
   (`PrefixTree`). A title's score is the sum of the log-probabilities along its path, so each node is fed
   once however many titles share it (tree attention, as in speculative decoding's token trees): a node
-  attends to its user's prompt and to its ancestors, at position prompt length + depth - 1. Only nodes
-  with children are fed; the distribution after a node scores all its children at once, and the
-  distribution after the prompt scores the first tokens.
-* **Rows and passes.** A row is one user's slice of a tree on a copy of that user's prompt cache: at most
-  `row_nodes` fed nodes. Nodes are numbered in pre-order, so a run of consecutive nodes needs, besides
-  itself, only the ancestors of its first node; a large tree is cut into such slices. A forward pass takes
-  rows of many users up to `tokens_per_pass` fed positions (padding counted), which bounds its memory;
-  the head runs on the nodes whose children are scored, in chunks.
-* **Full ranking.** Exhaustive: every title's score from the catalogue's tree, slices of all users' trees
-  batched. Best-first (`BestFirst`): log-probabilities are <= 0, so a prefix's score bounds all its
+  attends to its user's prompt and to its ancestors, at position prompt length + depth - 1. Expanding a
+  node means feeding it: the distribution after it scores all its children at once; the distribution after
+  the prompt scores the first tokens.
+* **Rows and passes.** A row is one user's nodes on a copy of that user's prompt cache: at most `row_nodes`
+  fed nodes, plus context. A forward pass takes rows of many users up to `tokens_per_pass` fed positions
+  (padding counted), which bounds its memory; the head runs on the expanded nodes only, in chunks.
+* **Searches keep K/V** (`NodeCache`): the keys and values of every node fed during a search are kept, so a
+  later row takes a node's ancestors as context instead of feeding them again: each node is fed once. The
+  cache holds at most `node_cache_bytes`; when full, ancestors are fed again as context (slower, as exact).
+* **Full ranking.** Exhaustive: every title's score from the catalogue's tree, cut in pre-order into slices
+  (a run of consecutive nodes needs, besides itself, only the ancestors of its first node), slices of all
+  users batched. Best-first (`BestFirst`): log-probabilities are <= 0, so a prefix's score bounds all its
   completions and a finished title is final once no open prefix scores higher; each step pops up to `beam`
   open prefixes of every unfinished user and expands all of them in the same passes.
+* **Sampled ranks** (`rank_users`): the target's path is expanded first; then, level by level, only the
+  prefixes that score at least the target, since no completion of a lower one can rank above it.
 * **Bounded memory.** A user's open prefixes (the frontier) are cut back to the best `frontier` after every
   step, and the best score cut away is remembered: a finished title is final only when it also beats that.
   When a search can no longer certify its next title (every remaining prefix scores below what was cut),
@@ -37,15 +42,17 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from cprec.data.template import item_line
 from cprec.errors import CPRecError
 from cprec.eval.scoring import TitleScorer
 
 HEAD_CHUNK = 1024  # rows of logits materialised at once: 1024 x a 152k vocabulary in fp32 is 0.6 GB
+NO_NODES = np.zeros(0, dtype=np.int64)
 
 
 class PrefixTree:
@@ -89,7 +96,7 @@ class PrefixTree:
         self.child_ptr = np.concatenate([[0], np.cumsum(counts)])
         self.children = np.argsort(self.parent[1:], kind="stable") + 1  # grouped by parent, pre-order within
         self.has_children = counts > 0
-        self.inner = np.flatnonzero(self.has_children[1:]) + 1  # fed nodes, in pre-order
+        self.inner = np.flatnonzero(self.has_children[1:]) + 1  # the nodes that are ever fed, in pre-order
         self.levels = [np.flatnonzero(self.depth == d) for d in range(1, int(self.depth.max()) + 1)]
 
     @property
@@ -98,10 +105,10 @@ class PrefixTree:
 
     def children_of(self, nodes: np.ndarray) -> np.ndarray:
         """The children of each node of `nodes`, concatenated in that order."""
-        starts, stops = self.child_ptr[nodes], self.child_ptr[np.asarray(nodes) + 1]
-        if len(starts) == 0:
-            return np.zeros(0, dtype=np.int64)
-        counts = stops - starts
+        nodes = np.asarray(nodes, dtype=np.int64)
+        starts, counts = self.child_ptr[nodes], self.child_ptr[nodes + 1] - self.child_ptr[nodes]
+        if len(nodes) == 0:
+            return NO_NODES
         offsets = np.repeat(starts - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
         return self.children[np.arange(int(counts.sum())) + offsets]
 
@@ -115,8 +122,8 @@ class PrefixTree:
         return out[::-1]
 
     def slices(self, row_nodes: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """The inner nodes cut into (fed, scored) rows of at most `row_nodes` fed nodes: a run of consecutive
-        inner nodes (scored) plus the ancestors of its first node (context only)."""
+        """Every inner node, cut into (fed, expanded) rows of at most `row_nodes` fed nodes: a run of
+        consecutive inner nodes (expanded) plus the ancestors of its first node (fed as context)."""
         out, start = [], 0
         while start < len(self.inner):
             context = self.ancestors(int(self.inner[start]))
@@ -129,21 +136,24 @@ class PrefixTree:
             start += len(run)
         return out
 
-    def cover(self, nodes: list[int], row_nodes: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(fed, scored) rows that score `nodes` (inner nodes): each row holds some of them with their
-        ancestors, at most `row_nodes` fed nodes."""
-        rows, fed, scored = [], set(), []
-        for node in sorted(nodes):
-            need = {node, *self.ancestors(node)} - fed
-            if scored and len(fed) + len(need) > row_nodes:
-                rows.append((np.asarray(sorted(fed), dtype=np.int64), np.asarray(scored, dtype=np.int64)))
-                fed, scored, need = set(), [], {node, *self.ancestors(node)}
+    def cover(self, nodes, row_nodes: int, kept=frozenset()) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(fed, expanded, context) rows that expand `nodes`: each row feeds some of them and those of their
+        ancestors not in `kept` (at most `row_nodes` fed), and takes the `kept` ancestors as context."""
+        rows, fed, context, expanded = [], set(), set(), []
+        for node in sorted(int(n) for n in nodes):
+            above = self.ancestors(node)
+            need = ({node} | {a for a in above if a not in kept}) - fed
+            if expanded and len(fed) + len(need) > row_nodes:
+                rows.append(_row(fed, expanded, context))
+                fed, context, expanded = set(), set(), []
+                need = {node} | {a for a in above if a not in kept}
             if len(need) > row_nodes:
                 raise CPRecError(f"row_nodes={row_nodes} is below the longest title line; raise row_nodes")
             fed |= need
-            scored.append(node)
-        if scored:
-            rows.append((np.asarray(sorted(fed), dtype=np.int64), np.asarray(scored, dtype=np.int64)))
+            context |= {a for a in above if a in kept}
+            expanded.append(node)
+        if expanded:
+            rows.append(_row(fed, expanded, context))
         return rows
 
     def path_scores(self, edge: np.ndarray) -> np.ndarray:
@@ -152,6 +162,11 @@ class PrefixTree:
         for level in self.levels:
             total[..., level] = total[..., self.parent[level]] + edge[..., level]
         return total
+
+
+def _row(fed: set, expanded: list, context: set) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return (np.asarray(sorted(fed), dtype=np.int64), np.asarray(expanded, dtype=np.int64),
+            np.asarray(sorted(context), dtype=np.int64))
 
 
 @dataclass
@@ -168,8 +183,45 @@ class Prompts:
 class Row:
     user: int  # index into the prompt batch
     tree: PrefixTree
-    fed: np.ndarray  # node ids, pre-order, every ancestor (but the root) of each included
-    scored: np.ndarray  # the fed nodes whose children are scored
+    fed: np.ndarray  # node ids, sorted; with `context`, every ancestor (but the root) of each is present
+    expanded: np.ndarray  # the fed nodes whose children are scored
+    context: np.ndarray = field(default_factory=lambda: NO_NODES)  # nodes whose K/V the NodeCache holds
+
+
+class NodeCache:
+    """Keys and values of the tree nodes fed during one search of a batch of users, by (user, node), so that
+    later rows take them as context. At most `capacity` nodes; when full, nodes are no longer kept."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.slot: dict[tuple[int, int], int] = {}
+        self.by_user: dict[int, set] = {}
+        self.keys: list[torch.Tensor] = []  # per layer [capacity, kv heads, head dim]
+        self.values: list[torch.Tensor] = []
+
+    def kept(self, user: int) -> set:
+        return self.by_user.get(user, set())
+
+    def slots(self, user: int, nodes: np.ndarray) -> list[int]:
+        return [self.slot[(user, int(n))] for n in nodes]
+
+    def keep(self, owners: list[tuple[int, int]], keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Store the per-layer [n, kv heads, head dim] K/V of `owners` (user, node) while there is room."""
+        new = [i for i, owner in enumerate(owners) if owner not in self.slot]
+        new = list({owners[i]: i for i in reversed(new)}.values())[::-1]  # a node fed in two rows: once
+        take = new[:self.capacity - len(self.slot)]
+        if not take:
+            return
+        if not self.keys:
+            self.keys = [k.new_empty((self.capacity, *k.shape[1:])) for k in keys]
+            self.values = [v.new_empty((self.capacity, *v.shape[1:])) for v in values]
+        start = len(self.slot)
+        index = torch.tensor(take, device=keys[0].device)
+        for store, src in zip(self.keys + self.values, keys + values):
+            store[start:start + len(take)] = src[index]
+        for offset, i in enumerate(take):
+            self.slot[owners[i]] = start + offset
+            self.by_user.setdefault(owners[i][0], set()).add(owners[i][1])
 
 
 class BestFirst:
@@ -231,13 +283,20 @@ class BatchScorer(TitleScorer):
     available: they are the reference the batched results are tested against, and the benchmark's
     baseline."""
 
-    def __init__(self, model, tokenizer, row_nodes: int = 512, tokens_per_pass: int = 4096):
+    def __init__(self, model, tokenizer, row_nodes: int = 256, tokens_per_pass: int = 4096,
+                 node_cache_bytes: int = 1 << 30):
         super().__init__(model, tokenizer)
         self.decoder, self.head = model.get_decoder(), model.get_output_embeddings()
         self.row_nodes, self.tokens_per_pass = row_nodes, max(tokens_per_pass, row_nodes)
+        self.node_cache_bytes = node_cache_bytes
         self.dtype = next(model.parameters()).dtype
-        self.stats = {"fallbacks": 0, "peak_frontier": 0}
+        self.reset_stats()
         self._check_head()
+
+    def reset_stats(self) -> None:
+        """Counters since the last reset: users the frontier cap sent to exhaustive scoring, the largest
+        frontier of a search, tree nodes fed to the model."""
+        self.stats = {"fallbacks": 0, "peak_frontier": 0, "fed_nodes": 0}
 
     @torch.no_grad()
     def _check_head(self) -> None:
@@ -249,6 +308,14 @@ class BatchScorer(TitleScorer):
         if not torch.allclose(full, mine, rtol=1e-3, atol=1e-3):
             raise CPRecError(f"{type(self.model).__name__}: its logits are not the output embedding of its "
                              f"decoder's last hidden state; batched evaluation does not support it")
+
+    def lines_ids(self, titles: list[str]) -> list[list[int]]:
+        """`line_ids` of many titles, tokenized in one batched call (a 20k catalogue in a fraction of a second)."""
+        new = [t for t in dict.fromkeys(titles) if t not in self._line_ids]
+        if new:
+            encoded = self.tok([item_line(t) for t in new], add_special_tokens=False)["input_ids"]
+            self._line_ids.update(zip(new, encoded))
+        return [self._line_ids[t] for t in titles]
 
     # ---- forward passes
     @torch.no_grad()
@@ -265,8 +332,13 @@ class BatchScorer(TitleScorer):
         layers = [(layer.keys, layer.values) for layer in out.cache.layers]
         return Prompts(layers, lengths, mask, first)
 
-    def run(self, prompts: Prompts, rows: list[Row]):
-        """Yield (row, log-probabilities of the children of its scored nodes, concatenated in order), rows
+    def node_cache(self, prompts: Prompts, most_nodes: int) -> NodeCache:
+        """A cache for the nodes of one search: as many as `node_cache_bytes` holds, at most `most_nodes`."""
+        per_node = sum(2 * k.shape[1] * k.shape[3] * k.element_size() for k, _ in prompts.layers)
+        return NodeCache(max(0, min(most_nodes, self.node_cache_bytes // per_node)))
+
+    def run(self, prompts: Prompts, rows: list[Row], cache: NodeCache | None = None):
+        """Yield (row, log-probabilities of the children of its expanded nodes, concatenated in order), rows
         packed into passes of at most `tokens_per_pass` fed positions."""
         order = sorted(range(len(rows)), key=lambda r: -len(rows[r].fed))
         start = 0
@@ -274,46 +346,86 @@ class BatchScorer(TitleScorer):
             width = len(rows[order[start]].fed)
             stop = start + max(1, self.tokens_per_pass // width)
             batch = [rows[r] for r in order[start:stop]]
-            yield from zip(batch, self._pass(prompts, batch))
+            yield from zip(batch, self._pass(prompts, batch, cache))
             start = stop
 
     @torch.no_grad()
-    def _pass(self, prompts: Prompts, rows: list[Row]) -> list[np.ndarray]:
+    def _pass(self, prompts: Prompts, rows: list[Row], cache: NodeCache | None) -> list[np.ndarray]:
         n_rows, width = len(rows), max(len(r.fed) for r in rows)
+        n_context = max(len(r.context) for r in rows)
         users = torch.tensor([r.user for r in rows], device=self.device)
         ids = np.zeros((n_rows, width), dtype=np.int64)
         positions = np.zeros((n_rows, width), dtype=np.int64)
-        tree_mask = np.zeros((n_rows, width, width), dtype=bool)
+        sees_fed = np.zeros((n_rows, width, width), dtype=bool)
+        sees_context = np.zeros((n_rows, width, n_context), dtype=bool)
+        slots = np.zeros((n_rows, n_context), dtype=np.int64)
         lengths = prompts.lengths.cpu().numpy()
         for r, row in enumerate(rows):
-            fed, n = row.fed, len(row.fed)
+            fed, context, n = row.fed, row.context, len(row.fed)
             ids[r, :n] = row.tree.token[fed]
             positions[r, :n] = lengths[row.user] + row.tree.depth[fed] - 1
             query, node = np.arange(n), fed
-            while len(node):  # each fed node sees itself and its ancestors (all fed, but the root)
-                tree_mask[r, query, np.searchsorted(fed, node)] = True
+            while len(node):  # each fed node sees itself and its ancestors (fed, or context), but the root
+                at = np.minimum(np.searchsorted(fed, node), n - 1)
+                in_fed = fed[at] == node
+                sees_fed[r, query[in_fed], at[in_fed]] = True
+                sees_context[r, query[~in_fed], np.searchsorted(context, node[~in_fed])] = True
                 up = row.tree.parent[node]
                 query, node = query[up > 0], up[up > 0]
-            tree_mask[r, np.arange(n, width), np.arange(n, width)] = True  # padding sees itself: never all -inf
+            sees_fed[r, np.arange(n, width), np.arange(n, width)] = True  # padding sees itself: never all -inf
+            if len(context):
+                slots[r, :len(context)] = cache.slots(row.user, context)
         seen = torch.cat([prompts.mask[users][:, None, :].expand(n_rows, width, -1),
-                          torch.from_numpy(tree_mask).to(self.device)], dim=2)
+                          torch.from_numpy(sees_context).to(self.device),
+                          torch.from_numpy(sees_fed).to(self.device)], dim=2)
         mask = torch.zeros(seen.shape, dtype=self.dtype, device=self.device)
         mask.masked_fill_(~seen, torch.finfo(self.dtype).min)
-        cache = self._cache(prompts, users)
+        kv = self._kv(prompts, users, cache, torch.from_numpy(slots).to(self.device) if n_context else None)
         hidden = self.decoder(input_ids=torch.from_numpy(ids).to(self.device), attention_mask=mask[:, None],
-                              position_ids=torch.from_numpy(positions).to(self.device), cache=cache,
+                              position_ids=torch.from_numpy(positions).to(self.device), cache=kv,
                               use_cache=True).last_hidden_state
-        # the head on the scored nodes only; each scores its children
+        self.stats["fed_nodes"] += sum(len(r.fed) for r in rows)
+        if cache is not None and cache.capacity:
+            self._keep(rows, kv, cache, width)
+        return self._children_logp(rows, hidden)
+
+    def _kv(self, prompts: Prompts, users: torch.Tensor, cache: NodeCache | None, slots: torch.Tensor | None):
+        """Each row's cache: its user's prompt, then the kept K/V of its context nodes."""
+        from transformers import DynamicCache
+
+        layers = []
+        for index, (k, v) in enumerate(prompts.layers):
+            k, v = k[users], v[users]
+            if slots is not None:  # [rows, context, heads, dim] -> [rows, heads, context, dim]
+                k = torch.cat([k, cache.keys[index][slots].transpose(1, 2)], dim=2)
+                v = torch.cat([v, cache.values[index][slots].transpose(1, 2)], dim=2)
+            layers.append((k, v))
+        return DynamicCache(ddp_cache_data=layers, config=self.model.config)
+
+    def _keep(self, rows: list[Row], kv, cache: NodeCache, width: int) -> None:
+        at_row = np.concatenate([np.full(len(r.fed), i) for i, r in enumerate(rows)])
+        at_pos = np.concatenate([np.arange(len(r.fed)) for r in rows])
+        owners = [(r.user, int(n)) for r in rows for n in r.fed]
+        at_row_t, at_pos_t = torch.from_numpy(at_row).to(self.device), torch.from_numpy(at_pos).to(self.device)
+        keys, values = [], []
+        for layer in kv.layers:  # the fed nodes are the last `width` positions of every row
+            fed_k, fed_v = layer.keys[:, :, -width:], layer.values[:, :, -width:]
+            keys.append(fed_k[at_row_t, :, at_pos_t])
+            values.append(fed_v[at_row_t, :, at_pos_t])
+        cache.keep(owners, keys, values)
+
+    def _children_logp(self, rows: list[Row], hidden: torch.Tensor) -> list[np.ndarray]:
+        """The head on the expanded nodes only, in chunks; each scores its children."""
         at_row, at_pos, child_tokens, child_of = [], [], [], []
-        scored_so_far = 0
+        so_far = 0
         for r, row in enumerate(rows):
-            where = np.searchsorted(row.fed, row.scored)
-            counts = row.tree.child_ptr[row.scored + 1] - row.tree.child_ptr[row.scored]
-            child_of.append(np.repeat(np.arange(len(where)) + scored_so_far, counts))
-            scored_so_far += len(where)
-            child_tokens.append(row.tree.token[row.tree.children_of(row.scored)])
+            where = np.searchsorted(row.fed, row.expanded)
+            counts = row.tree.child_ptr[row.expanded + 1] - row.tree.child_ptr[row.expanded]
+            child_of.append(np.repeat(np.arange(len(where)) + so_far, counts))
+            child_tokens.append(row.tree.token[row.tree.children_of(row.expanded)])
             at_row.append(np.full(len(where), r))
             at_pos.append(where)
+            so_far += len(where)
         states = hidden[torch.from_numpy(np.concatenate(at_row)).to(self.device),
                         torch.from_numpy(np.concatenate(at_pos)).to(self.device)]
         child_of_t = torch.from_numpy(np.concatenate(child_of)).to(self.device)
@@ -328,35 +440,90 @@ class BatchScorer(TitleScorer):
         sizes = [len(t) for t in child_tokens]
         return np.split(logp.cpu().numpy().astype(np.float64), np.cumsum(sizes)[:-1])
 
-    def _cache(self, prompts: Prompts, users: torch.Tensor):
-        from transformers import DynamicCache
-
-        return DynamicCache(ddp_cache_data=[(k[users], v[users]) for k, v in prompts.layers],
-                            config=self.model.config)
-
     # ---- scoring
     def tree_scores(self, prompts: Prompts, trees: list[PrefixTree]) -> list[np.ndarray]:
         """Every title's score in user u's tree `trees[u]` (one tree object may serve many users)."""
-        edges = []
-        rows = []
-        slices: dict[int, list] = {}
+        edges, rows, slices = [], [], {}
         for u, tree in enumerate(trees):
-            edge = np.zeros(tree.size)
-            firsts = tree.children_of(np.array([0]))
-            edge[firsts] = prompts.first[u, tree.token[firsts]]
-            edges.append(edge)
+            edges.append(self._first_edges(prompts, u, tree))
             if id(tree) not in slices:
                 slices[id(tree)] = tree.slices(self.row_nodes)
-            rows += [Row(u, tree, fed, scored) for fed, scored in slices[id(tree)]]
+            rows += [Row(u, tree, fed, expanded) for fed, expanded in slices[id(tree)]]
         for row, logp in self.run(prompts, rows):
-            edges[row.user][row.tree.children_of(row.scored)] = logp
+            edges[row.user][row.tree.children_of(row.expanded)] = logp
         return [tree.path_scores(edge)[tree.title_node] for tree, edge in zip(trees, edges)]
 
+    @staticmethod
+    def _first_edges(prompts: Prompts, user: int, tree: PrefixTree) -> np.ndarray:
+        """Edge log-probabilities of a user's tree, known so far: the first tokens, from the prompt pass."""
+        edge = np.zeros(tree.size)
+        firsts = tree.children_of(np.array([0]))
+        edge[firsts] = prompts.first[user, tree.token[firsts]]
+        return edge
+
     def score_users(self, prompts: list[str], titles: list[list[str]]) -> list[np.ndarray]:
-        """Sampled protocol: the score of each user's titles (in their order)."""
+        """The score of each user's titles (in their order), every title scored."""
         batch = self.prompts([self.prompt_ids(p) for p in prompts])
-        trees = [PrefixTree([self.line_ids(t) for t in user_titles]) for user_titles in titles]
-        return self.tree_scores(batch, trees)
+        return self.tree_scores(batch, self._trees(titles))
+
+    def _trees(self, titles: list[list[str]]) -> list[PrefixTree]:
+        self.lines_ids([t for user_titles in titles for t in user_titles])
+        return [PrefixTree([self.line_ids(t) for t in user_titles]) for user_titles in titles]
+
+    def rank_users(self, prompts: list[str], titles: list[list[str]], target: int = 0) -> list[int]:
+        """Sampled protocol: the rank of `titles[u][target]` among `titles[u]` for each user (0 = first; ties
+        count against it), as ranking `score_users`' scores would give, expanding only the prefixes that
+        score at least the target."""
+        batch = self.prompts([self.prompt_ids(p) for p in prompts])
+        trees = self._trees(titles)
+        cache = self.node_cache(batch, sum(len(t.inner) for t in trees))
+        scores = []  # path score of every node whose parent was expanded; -inf for the others
+        for u, tree in enumerate(trees):
+            known = np.full(tree.size, -np.inf)
+            known[0] = 0.0
+            firsts = tree.children_of(np.array([0]))
+            known[firsts] = batch.first[u, tree.token[firsts]]
+            scores.append(known)
+        paths = {u: np.asarray(tree.ancestors(int(tree.title_node[target])), dtype=np.int64)
+                 for u, tree in enumerate(trees)}
+        self._expand_all(batch, trees, paths, cache, scores)  # the target's own path first
+        bar = [float(s[tree.title_node[target]]) for s, tree in zip(scores, trees)]
+        todo = {u: self._worth_expanding(tree, tree.children_of(np.concatenate([[0], paths[u]])), scores[u], bar[u],
+                                         paths[u]) for u, tree in enumerate(trees)}
+        while any(len(nodes) for nodes in todo.values()):
+            self._expand_all(batch, trees, todo, cache, scores)
+            todo = {u: self._worth_expanding(trees[u], trees[u].children_of(nodes), scores[u], bar[u])
+                    for u, nodes in todo.items()}
+        # a title never reached has a prefix below the target, so it scores below it too
+        return [int(np.sum(score[np.delete(tree.title_node, target)] >= b))
+                for tree, score, b in zip(trees, scores, bar)]
+
+    @staticmethod
+    def _worth_expanding(tree: PrefixTree, nodes: np.ndarray, scores: np.ndarray, bar: float,
+                         done: np.ndarray = NO_NODES) -> np.ndarray:
+        """The inner nodes among `nodes` that score at least `bar` and were not expanded (`done`)."""
+        keep = tree.has_children[nodes] & (scores[nodes] >= bar) & ~np.isin(nodes, done)
+        return nodes[keep]
+
+    def _expand_all(self, batch: Prompts, trees: list[PrefixTree], todo: dict, cache: NodeCache,
+                    scores: list[np.ndarray]) -> None:
+        """Expand every node of `todo[u]` (whose ancestors are all expanded) for each user: the path scores
+        of their children."""
+        rows = []
+        for u, nodes in todo.items():
+            if len(nodes):
+                rows += [Row(u, trees[u], fed, expanded, context) for fed, expanded, context in
+                         trees[u].cover(nodes, self.row_nodes, cache.kept(u))]
+        found: dict[int, list] = {}
+        for row, logp in self.run(batch, rows, cache):
+            found.setdefault(row.user, []).append((row.tree.children_of(row.expanded), logp))
+        for u, parts in found.items():  # parents before children: a row may expand a node and its parent
+            children = np.concatenate([c for c, _ in parts])
+            logp = np.concatenate([lp for _, lp in parts])
+            depth = trees[u].depth[children]
+            for d in np.unique(depth):
+                at = depth == d
+                scores[u][children[at]] = scores[u][trees[u].parent[children[at]]] + logp[at]
 
     def top_k_users(self, prompts: list[str], tree: PrefixTree, k: int, beam: int = 20,
                     exhaustive: bool = False, frontier: int = 50_000) -> list[list[tuple[int, float]]]:
@@ -366,6 +533,7 @@ class BatchScorer(TitleScorer):
         batch = self.prompts([self.prompt_ids(p) for p in prompts])
         if exhaustive:
             return [_best(scores, k) for scores in self.tree_scores(batch, [tree] * len(prompts))]
+        cache = self.node_cache(batch, len(prompts) * len(tree.inner))
         searches = [BestFirst(tree, k, frontier) for _ in prompts]
         firsts = tree.children_of(np.array([0]))
         for u, search in enumerate(searches):
@@ -377,11 +545,11 @@ class BatchScorer(TitleScorer):
             rows, prefix_scores = [], {}
             for u, popped in steps.items():
                 prefix_scores[u] = dict(popped)
-                rows += [Row(u, tree, fed, scored) for fed, scored in tree.cover([n for n, _ in popped],
-                                                                                   self.row_nodes)]
-            for row, logp in self.run(batch, rows):
-                scores = np.array([prefix_scores[row.user][n] for n in row.scored.tolist()])
-                searches[row.user].expand(row.scored, scores, logp)
+                rows += [Row(u, tree, fed, expanded, context) for fed, expanded, context in
+                         tree.cover([n for n, _ in popped], self.row_nodes, cache.kept(u))]
+            for row, logp in self.run(batch, rows, cache):
+                scores = np.array([prefix_scores[row.user][n] for n in row.expanded.tolist()])
+                searches[row.user].expand(row.expanded, scores, logp)
             for u in steps:
                 searches[u].trim()
             steps = {u: searches[u].advance(beam) for u in steps}

@@ -27,7 +27,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -54,11 +54,12 @@ class EvalConfig:
     negatives: int = 99
     seed: int = 0
     beam: int = 20  # prefixes each user expands per step of the full-ranking search (exactness does not depend on it)
-    exhaustive_below: int = 500  # full ranking scores every title of a smaller catalogue (same exact top-K)
+    exhaustive_below: int = 500  # fewer titles (catalogue, or candidates) are all scored: same exact result
     frontier: int = 50_000  # open prefixes kept per user by the search; past it, cut and checked (still exact)
-    batch_users: int = 16  # users whose prompts and titles share forward passes
-    row_nodes: int = 512  # prefix-tree nodes per row of a forward pass
-    tokens_per_pass: int = 4096  # fed positions per forward pass (bounds its memory)
+    batch_users: int | None = None  # users whose prompts and titles share forward passes (None: 16 CPU, 128 GPU)
+    row_nodes: int = 256  # prefix-tree nodes per row of a forward pass
+    tokens_per_pass: int | None = None  # fed positions per forward pass, bounds its memory (None: 4096 CPU, 32768 GPU)
+    node_cache_mb: int = 1024  # keys and values kept per batch of users during a search (each node fed once)
     device: str = "auto"  # auto: this rank's GPU when there is one, else cpu; or cpu, cuda, cuda:N
     dtype: str = "auto"  # auto: bfloat16 on a GPU, float32 on the CPU
 
@@ -67,8 +68,9 @@ class EvalConfig:
             raise CPRecError(f"protocol must be one of {', '.join(PROTOCOLS)}, got '{self.protocol}'")
         if self.users is not None and self.users < 1:
             raise CPRecError(f"users must be at least 1 (or left out for every test user), got {self.users}")
-        for name in ("negatives", "beam", "frontier", "batch_users", "row_nodes", "tokens_per_pass"):
-            if getattr(self, name) < 1:
+        for name in ("negatives", "beam", "frontier", "batch_users", "row_nodes", "tokens_per_pass",
+                     "node_cache_mb"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise CPRecError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.dtype not in DTYPES:
             raise CPRecError(f"dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
@@ -96,6 +98,13 @@ def resolve_device(device: str = "auto", dtype: str = "auto"):
     if dtype == "auto":
         dtype = "bfloat16" if dev.type == "cuda" else "float32"
     return dev, getattr(torch, dtype)
+
+
+def sized_for(cfg: EvalConfig, device) -> EvalConfig:
+    """The batch sizes left to the device: a GPU takes far larger passes than a CPU."""
+    gpu = device.type == "cuda"
+    return replace(cfg, batch_users=cfg.batch_users or (128 if gpu else 16),
+                   tokens_per_pass=cfg.tokens_per_pass or (32768 if gpu else 4096))
 
 
 def model_folder(spec: str) -> Path:
@@ -313,7 +322,8 @@ def evaluate(model_spec: str, prepared: str | Path, out: str | Path, cfg: EvalCo
             raise CPRecError(error)
         done = rank_files.read_done(out)
         model, tok = load_model(model_spec, device, dtype)
-        scorer = BatchScorer(model, tok, cfg.row_nodes, cfg.tokens_per_pass)
+        cfg = sized_for(cfg, device)
+        scorer = BatchScorer(model, tok, cfg.row_nodes, cfg.tokens_per_pass, cfg.node_cache_mb << 20)
         cost = (lambda line: len(scorer.tok(line, add_special_tokens=False)["input_ids"])) \
             if manifest["budget"]["unit"] == "tokens" else len
         sets = {}
@@ -358,14 +368,19 @@ def _score_units(scorer, sets: dict, units: list[Unit], done: dict, out: Path, r
     try:
         for unit in todo:
             ds, prompts, cands = sets[unit.domain]
+            users_prompts = [prompts[i] for i in unit.users]
             started = time.perf_counter()
             if unit.protocol == "sampled":
-                scores = scorer.score_users([prompts[i] for i in unit.users], [cands[i] for i in unit.users])
-                found = [(rank_against_ties(s, 0), len(cands[i])) for s, i in zip(scores, unit.users)]
+                titles = [cands[i] for i in unit.users]
+                if max(map(len, titles)) < cfg.exhaustive_below:  # score them all: fewest, largest passes
+                    ranks = [rank_against_ties(s, 0) for s in scorer.score_users(users_prompts, titles)]
+                else:  # expand only what scores at least the target
+                    ranks = scorer.rank_users(users_prompts, titles)
+                found = list(zip(ranks, map(len, titles)))
             else:
                 if unit.domain not in trees:
-                    trees[unit.domain] = PrefixTree([scorer.line_ids(t) for t in ds.titles])
-                top = scorer.top_k_users([prompts[i] for i in unit.users], trees[unit.domain], TOP_K, cfg.beam,
+                    trees[unit.domain] = PrefixTree(scorer.lines_ids(ds.titles))
+                top = scorer.top_k_users(users_prompts, trees[unit.domain], TOP_K, cfg.beam,
                                          exhaustive=len(ds.titles) < cfg.exhaustive_below, frontier=cfg.frontier)
                 found = []
                 for best, i in zip(top, unit.users):
