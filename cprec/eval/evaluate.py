@@ -309,6 +309,7 @@ def evaluate(model_spec: str, prepared: str | Path, out: str | Path, cfg: EvalCo
     ranks = Ranks()
     try:
         device, dtype = resolve_device(cfg.device, cfg.dtype)
+        model, tok = load_model(model_spec, device, dtype)  # a model that cannot load claims no folder
         error = None
         if ranks.rank == 0:
             try:
@@ -321,7 +322,6 @@ def evaluate(model_spec: str, prepared: str | Path, out: str | Path, cfg: EvalCo
         if error:
             raise CPRecError(error)
         done = rank_files.read_done(out)
-        model, tok = load_model(model_spec, device, dtype)
         cfg = sized_for(cfg, device)
         scorer = BatchScorer(model, tok, cfg.row_nodes, cfg.tokens_per_pass, cfg.node_cache_mb << 20)
         cost = (lambda line: len(scorer.tok(line, add_special_tokens=False)["input_ids"])) \
