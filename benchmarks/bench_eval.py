@@ -1,16 +1,17 @@
 """Evaluation speed on this CPU: the one-user path against the batched path, side by side, in one run.
 
 Prints:
-  * SmolLM2-135M (fp32) on MovieLens-1M test users of one genre (prepared by `cprec prepare`'s own code):
-    users/s of sampled scoring (target + up to 99 negatives) and of full ranking (exact top-20 of the
-    genre's catalogue, both paths scoring every title as `cprec evaluate` does below exhaustive_below=500),
-    one user at a time (`TitleScorer`, what `cprec evaluate` ran before batching; batch_size=64 candidates)
-    and batched (`BatchScorer`, all the users at once); the ranks of both paths must be identical;
+  * SmolLM2-135M on MovieLens-1M test users of one genre (prepared by `cprec prepare`'s own code): users/s
+    of sampled scoring (target + up to 99 negatives) and of full ranking (exact top-20 of the genre's
+    catalogue, both paths scoring every title as `cprec evaluate` does below exhaustive_below=500), one user
+    at a time (`TitleScorer`, what `cprec evaluate` ran before batching; batch_size=64 candidates) and
+    batched (`BatchScorer`, all the users at once), in fp32, with how many users get the same rank; for
+    information also the batched best-first search and bf16 on this CPU (AMX; `--dtype bfloat16`);
   * a generated 20,000-title catalogue with a tiny random model (peaked, as trained models are): seconds
     per user of exhaustive scoring and of best-first search, uncapped and with a frontier cap, with the
     peak frontier, how many users the cap sent to exhaustive scoring, and whether every top-20 agrees.
 
-Run: python benchmarks/bench_eval.py [--users 4] [--domain Thriller] [--threads 2] [--large-users 2]
+Run: python benchmarks/bench_eval.py [--users 8] [--domain Thriller] [--threads 2] [--large-users 2]
 """
 
 import argparse
@@ -46,30 +47,44 @@ def movielens(args) -> list[str]:
     prompts = [ds.prompt(r) for r in ds.test]
     cands = [ds.candidates(r, 99, 0) for r in ds.test]
     n = len(prompts)
-    scorer.score_users(prompts[:1], cands[:1])  # warm-up (first-call allocations) for both paths
-    one_sampled, t_one_s = timed(lambda: [scorer.score(p, c) for p, c in zip(prompts, cands)])
-    batched_sampled, t_batch_s = timed(lambda: scorer.score_users(prompts, cands))
-    same_sampled = all(rank_against_ties(a, 0) == rank_against_ties(b, 0)
-                       for a, b in zip(one_sampled, batched_sampled))
-    diff = max(float(np.abs(a - b).max()) for a, b in zip(one_sampled, batched_sampled))
+    scorer.score_users(prompts[:1], cands[:1])  # warm-up (first-call allocations)
     trie = TitleTrie([scorer.line_ids(t) for t in ds.titles], ds.titles)
     tree = PrefixTree(scorer.lines_ids(ds.titles))
-    one_full, t_one_f = timed(lambda: [scorer.top_k(p, trie, TOP_K, exhaustive_below=500) for p in prompts])
-    batched_full, t_batch_f = timed(lambda: scorer.top_k_users(prompts, tree, TOP_K, exhaustive=True))
-    same_full = all([i for i, _ in a] == [i for i, _ in b] for a, b in zip(one_full, batched_full))
+    sampled_ranks = lambda scores: [rank_against_ties(s, 0) for s in scores]  # noqa: E731
+    top_ids = lambda tops: [[i for i, _ in top] for top in tops]  # noqa: E731
+    one_s, t_one_s = timed(lambda: [scorer.score(p, c) for p, c in zip(prompts, cands)])
+    batch_s, t_batch_s = timed(lambda: scorer.score_users(prompts, cands))
+    one_f, t_one_f = timed(lambda: [scorer.top_k(p, trie, TOP_K, exhaustive_below=500) for p in prompts])
+    batch_f, t_batch_f = timed(lambda: scorer.top_k_users(prompts, tree, TOP_K, exhaustive=True))
+    search_f, t_search_f = timed(lambda: scorer.top_k_users(prompts, tree, TOP_K, beam=20))
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(one_s, batch_s))
+    model16, _ = load_model("smollm2", dtype=torch.bfloat16)
+    bf16 = BatchScorer(model16, tok, row_nodes=args.row_nodes, tokens_per_pass=args.tokens_per_pass)
+    bf16.score_users(prompts[:1], cands[:1])
+    bf16_s, t_bf16_s = timed(lambda: bf16.score_users(prompts, cands))
+    bf16_f, t_bf16_f = timed(lambda: bf16.top_k_users(prompts, tree, TOP_K, exhaustive=True))
     tokens = np.mean([len(scorer.prompt_ids(p)) for p in prompts])
+    row = lambda what, t_one, t_new, same: (  # noqa: E731
+        f"| {what} | {n / t_one:.3f} | {n / t_new:.3f} | {t_one / t_new:.1f}x | {same} |" if t_one else
+        f"| {what} | | {n / t_new:.3f} | | {same} |")
+    same = lambda a, b: f"{sum(x == y for x, y in zip(a, b))}/{n}"  # noqa: E731
     return [
-        f"SmolLM2-135M fp32, {torch.get_num_threads()} threads, MovieLens-1M {args.domain} ({len(ds.titles)} items, "
+        f"SmolLM2-135M, {torch.get_num_threads()} threads, MovieLens-1M {args.domain} ({len(ds.titles)} items, "
         f"{tree.size - 1} prefix-tree nodes for {sum(map(len, scorer.lines_ids(ds.titles)))} title tokens), {n} "
-        f"test users, mean prompt {tokens:.0f} tokens; batched: {n} users per pass group, row_nodes="
-        f"{args.row_nodes}, tokens_per_pass={args.tokens_per_pass}", "",
-        "| protocol | one user at a time (users/s) | batched (users/s) | speed-up | identical ranks |",
+        f"test users, mean prompt {tokens:.0f} tokens; batched: all {n} users at once, row_nodes={args.row_nodes}, "
+        f"tokens_per_pass={args.tokens_per_pass}", "",
+        "| what | one user at a time, fp32 (users/s) | batched (users/s) | speed-up | same ranks as one user |",
         "|---|---|---|---|---|",
-        f"| sampled ({np.mean([len(c) for c in cands]):.0f} candidates) | {n / t_one_s:.3f} | {n / t_batch_s:.3f} | "
-        f"{t_one_s / t_batch_s:.1f}x | {same_sampled} |",
-        f"| full ranking (exact top-20 of {len(ds.titles)}) | {n / t_one_f:.3f} | {n / t_batch_f:.3f} | "
-        f"{t_one_f / t_batch_f:.1f}x | {same_full} |", "",
-        f"largest |score difference| one-user vs batched (sampled): {diff:.2e}"]
+        row(f"sampled ({np.mean([len(c) for c in cands]):.0f} candidates), fp32", t_one_s, t_batch_s,
+            same(sampled_ranks(one_s), sampled_ranks(batch_s))),
+        row(f"full ranking, exact top-20 of {len(ds.titles)} by scoring every title, fp32", t_one_f, t_batch_f,
+            same(top_ids(one_f), top_ids(batch_f))),
+        row("full ranking, batched best-first search (beam 20), fp32", None, t_search_f,
+            same(top_ids(one_f), top_ids(search_f))),
+        row("sampled, bf16 on this CPU (`--dtype bfloat16`)", t_one_s, t_bf16_s,
+            same(sampled_ranks(one_s), sampled_ranks(bf16_s))),
+        row("full ranking, every title, bf16 on this CPU", t_one_f, t_bf16_f, same(top_ids(one_f), top_ids(bf16_f))),
+        "", f"largest |score difference| one-user vs batched, fp32 (sampled): {diff:.2e}"]
 
 
 def generated_catalogue(args) -> list[str]:
@@ -98,7 +113,7 @@ def generated_catalogue(args) -> list[str]:
              f"{t_tree:.1f} s); tiny random Llama (2 layers, hidden 64, SmolLM2 vocabulary, logits x10); {n} users",
              "", "| method | seconds per user | peak frontier | users sent to exhaustive | same top-20 |",
              "|---|---|---|---|---|", f"| exhaustive (every title) | {t_exh / n:.2f} | | | |"]
-    for frontier in (10**9, args.frontier):
+    for frontier in (10**9, *args.frontier):
         scorer.reset_stats()
         found, t = timed(lambda: scorer.top_k_users(prompts, tree, TOP_K, beam=64, frontier=frontier))
         same = all([i for i, _ in a] == [i for i, _ in b] for a, b in zip(found, exact))
@@ -110,14 +125,14 @@ def generated_catalogue(args) -> list[str]:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--users", type=int, default=4, help="MovieLens test users (default 4)")
+    parser.add_argument("--users", type=int, default=8, help="MovieLens test users (default 8)")
     parser.add_argument("--domain", default="Thriller")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--row-nodes", dest="row_nodes", type=int, default=512)
+    parser.add_argument("--row-nodes", dest="row_nodes", type=int, default=256)
     parser.add_argument("--tokens-per-pass", dest="tokens_per_pass", type=int, default=4096)
     parser.add_argument("--catalogue", type=int, default=20_000, help="titles of the generated catalogue")
     parser.add_argument("--large-users", dest="large_users", type=int, default=2)
-    parser.add_argument("--frontier", type=int, default=1000, help="the cap of the capped search")
+    parser.add_argument("--frontier", type=int, nargs="*", default=[4000, 500], help="caps of the capped searches")
     parser.add_argument("--skip", choices=["movielens", "catalogue"], help="leave one part out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -174,11 +174,12 @@ class Downstream:
     def candidates(self, row: dict, negatives: int, seed: int) -> list[str]:
         """The target first, then `negatives` titles the user never touched (seeded by user); all untouched
         titles where the catalogue has fewer (MovieLens genres have 42-92 items after the 5-core)."""
-        seen = set(row["history"]) | {row["target"]}
-        pool = [t for t in self.titles if t not in seen]
+        free = np.ones(len(self.titles), dtype=bool)  # the untouched titles, in catalogue order
+        free[[self.index[t] for t in {*row["history"], row["target"]} if t in self.index]] = False
+        pool = np.flatnonzero(free)
         n = min(negatives, len(pool))
         pick = np.random.default_rng([seed, _key(self.domain, row["user"])]).choice(len(pool), n, replace=False)
-        return [row["target"]] + [pool[i] for i in sorted(pick)]
+        return [row["target"]] + [self.titles[pool[i]] for i in sorted(pick)]
 
 
 def sampled_candidates(ds: Downstream, cfg: EvalConfig, out: Path, reuse: Path | None,
