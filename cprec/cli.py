@@ -163,11 +163,15 @@ def _add_eval_args(p: argparse.ArgumentParser, overrides_help: str) -> None:
     p.add_argument("--users", type=int, help="a seeded sample of this many test users per domain (default: all); "
                    "the same seed gives every model the same users")
     p.add_argument("--candidates", help="score on the candidates saved by an earlier run (DIR/candidates)")
+    p.add_argument("--device", help="auto (default: this rank's GPU when there is one, else cpu), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto (default): bfloat16 on a GPU, float32 on the CPU")
     p.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
 
 
 def _eval_overrides(args, overrides: list[str]) -> list[str]:
     out = list(overrides) + [f"protocol={args.protocol}"]
+    out += [f"{name}={getattr(args, name)}" for name in ("device", "dtype") if getattr(args, name)]
     if args.domains:
         out.append(f"domains={json.dumps(args.domains)}")
     if args.users is not None:
@@ -193,9 +197,12 @@ def baseline_configs(args):
 
 
 def cmd_evaluate(args) -> int:
+    """One process, or one rank of `torchrun launch/evaluate.py` (the same command line)."""
     from cprec.eval.evaluate import evaluate
 
     results = evaluate(args.model, args.data, args.out, eval_config(args), args.candidates)
+    if results is None:  # not rank 0: rank 0 reports
+        return 0
     print((Path(args.out) / "results.md").read_text())
     print(f"results in {args.out}/results.json and results.md ({len(results['domains'])} domains)")
     return 0
@@ -276,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="next-item recommendation on the held-out downstream domains")
     p.add_argument("--model", required=True, help="a Hugging Face model folder (e.g. cprec export's), or smollm2")
-    _add_eval_args(p, "e.g. beam=10 negatives=99 seed=0")
+    _add_eval_args(p, "e.g. beam=10 negatives=99 seed=0 batch_users=16")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("baseline", help="ID-based baselines on the same users and candidates")

@@ -48,7 +48,7 @@ def run_quickstart(args) -> int:
     index = stage("pack", lambda: pack(out / "prepared", "smollm2", out / "shards",
                                        PackConfig(seq_len=args.seq_len, workers=args.workers)))
     print(format_table(*stream_table(index)))
-    for old in ("run", "hf"):  # the quickstart is a from-scratch demo: a re-run replaces its run
+    for old in ("run", "hf", "eval"):  # a from-scratch demo: a re-run replaces its run (and so its evaluations)
         shutil.rmtree(out / old, ignore_errors=True)
     trainer = stage("train", lambda: Trainer(cfg))  # model load and DeepSpeed set-up count as training time
     started = time.perf_counter()

@@ -121,3 +121,6 @@ def test_sasrec_baseline_command_writes_results(prepared_small, tmp_path, capsys
     assert set(results["domains"]) == {"Games", "Toys"}
     assert results["domains"]["Games"]["users"] == 12 and "HR@10" in results["domains"]["Games"]["full"]
     assert "### Games — full ranking, 12 test users" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (tmp_path / "s" / "ranks.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 2 * 12 and {r["protocol"] for r in rows} == {"full", "sampled"}
+    assert all(r["rank"] is not None and r["candidates"] in (21, 40) for r in rows)  # SASRec ranks everything

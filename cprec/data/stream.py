@@ -37,7 +37,7 @@ from cprec.data.shards import ShardSet
 from cprec.errors import CPRecError
 
 
-def _key(*parts) -> int:
+def stable_key(*parts) -> int:
     """A stable 64-bit integer from strings and ints (Python's hash() is salted per process)."""
     return int.from_bytes(hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest(), "little")
 
@@ -194,8 +194,8 @@ class PackedStream(torch.utils.data.IterableDataset):
     def _build_order(self) -> None:
         weights = normalize_mixture(self.state.mixture, self.stream_names)
         self.interleave = Interleave(weights)
-        base = [self.state.seed, _key(self.state.fingerprint), _key(self.state.phase)]
-        self.orders = [EpochOrder([s["rows"] for s in self.data.streams[name]["shards"]], base + [_key(name)],
+        base = [self.state.seed, stable_key(self.state.fingerprint), stable_key(self.state.phase)]
+        self.orders = [EpochOrder([s["rows"] for s in self.data.streams[name]["shards"]], base + [stable_key(name)],
                                   self.window_shards) for name in self.interleave.names]
 
     # ---- the order

@@ -3,21 +3,32 @@
 Leave-one-out test users of each downstream domain; the prompt is the template's next-item prompt over the
 user's history (newest items that fit the prepared budget).
 
-* full ranking (primary): the exact top-K titles of the domain's catalogue (prefix-tree constrained search,
-  summed log-probability of title plus end marker, no length normalisation); HR@{1,5,10,20} and
-  NDCG@{5,10,20};
+* full ranking (primary): the exact top-K titles of the domain's catalogue (summed log-probability of title
+  plus end marker, no length normalisation), by scoring every title of a catalogue under `exhaustive_below`
+  titles, else by best-first search over the prefix tree; HR@{1,5,10,20} and NDCG@{5,10,20};
 * sampled (secondary, labelled so): the target and `negatives` items the user never touched, drawn with a
   seed and saved in `candidates/`, so that every model (and SASRec) is scored on the same candidates; ties
   count against the target.
 
-Writes `results.json` and `results.md` (a table per domain naming the protocol and the number of users).
+Scale: users are scored in batches of `batch_users` (`cprec.eval.batched`), on the GPU when there is one
+(bf16 there, fp32 on the CPU; `device`/`dtype` override). Under torchrun (`launch/evaluate.py`, the same
+arguments) the batches are dealt to the ranks round-robin, every batch to exactly one rank, whatever the
+number of users. Each batch's per-user ranks are appended as soon as it finishes, so a killed evaluation
+re-run with the same command resumes where it stopped (`cprec.eval.ranks`).
+
+Writes `ranks.jsonl` (per user), `results.json` and `results.md` (a table per domain naming the protocol and
+the number of users), which depend on the settings only, and `timing.json` (this run's device, ranks and
+seconds per user).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +36,14 @@ from tqdm import tqdm
 
 from cprec.data import template
 from cprec.data.prepared import read_manifest
-from cprec.data.stream import _key
+from cprec.data.stream import stable_key
 from cprec.errors import CPRecError
+from cprec.eval import ranks as rank_files
 from cprec.eval.metrics import HR_KS, NDCG_KS, rank_against_ties, ranking_metrics
 
 PROTOCOLS = ("full", "sampled", "both")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+TOP_K = max(HR_KS + NDCG_KS)
 
 
 @dataclass
@@ -39,42 +53,104 @@ class EvalConfig:
     users: int | None = None  # evaluate a seeded sample of this many test users per domain (default: all)
     negatives: int = 99
     seed: int = 0
-    beam: int = 20  # prefixes expanded per batched step of the full-ranking search (exactness does not depend on it)
-    exhaustive_below: int = 500  # full ranking scores every title of a smaller catalogue (same exact top-K)
-    batch_size: int = 64
+    beam: int = 20  # prefixes each user expands per step of the full-ranking search (exactness does not depend on it)
+    exhaustive_below: int = 500  # fewer titles (catalogue, or candidates) are all scored: same exact result
+    frontier: int = 50_000  # open prefixes kept per user by the search; past it, cut and checked (still exact)
+    batch_users: int | None = None  # users whose prompts and titles share forward passes (None: 16 CPU, 128 GPU)
+    row_nodes: int = 256  # prefix-tree nodes per row of a forward pass
+    tokens_per_pass: int | None = None  # fed positions per forward pass, bounds its memory (None: 4096 CPU, 32768 GPU)
+    node_cache_mb: int = 1024  # keys and values kept per batch of users during a search (each node fed once)
+    device: str = "auto"  # auto: this rank's GPU when there is one, else cpu; or cpu, cuda, cuda:N
+    dtype: str = "auto"  # auto: bfloat16 on a GPU, float32 on the CPU
 
     def validate(self) -> None:
         if self.protocol not in PROTOCOLS:
             raise CPRecError(f"protocol must be one of {', '.join(PROTOCOLS)}, got '{self.protocol}'")
         if self.users is not None and self.users < 1:
             raise CPRecError(f"users must be at least 1 (or left out for every test user), got {self.users}")
-        for name in ("negatives", "beam", "batch_size"):
-            if getattr(self, name) < 1:
+        for name in ("negatives", "beam", "frontier", "batch_users", "row_nodes", "tokens_per_pass",
+                     "node_cache_mb"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise CPRecError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.dtype not in DTYPES:
+            raise CPRecError(f"dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise CPRecError(f"{path}: missing")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+# ---------------------------------------------------------------- device, precision, model
+
+def resolve_device(device: str = "auto", dtype: str = "auto"):
+    """(torch.device, torch.dtype) of this process: auto picks its local rank's GPU when one is visible
+    (bf16 there), else the CPU (fp32)."""
+    import torch
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CPRecError(f"device={device}: no GPU is visible to this process (torch.cuda.is_available() is "
+                         f"False); use device=cpu")
+    try:
+        dev = torch.device(f"cuda:{local}" if device == "cuda" else device)
+    except RuntimeError:
+        raise CPRecError(f"device must be auto, cpu, cuda or cuda:N, got '{device}'") from None
+    if dtype not in DTYPES:
+        raise CPRecError(f"dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+    if dtype == "auto":
+        dtype = "bfloat16" if dev.type == "cuda" else "float32"
+    return dev, getattr(torch, dtype)
 
 
-def load_model(spec: str):
+def sized_for(cfg: EvalConfig, device) -> EvalConfig:
+    """The batch sizes left to the device: a GPU takes far larger passes than a CPU."""
+    gpu = device.type == "cuda"
+    return replace(cfg, batch_users=cfg.batch_users or (128 if gpu else 16),
+                   tokens_per_pass=cfg.tokens_per_pass or (32768 if gpu else 4096))
+
+
+def model_folder(spec: str) -> Path:
+    from cprec.backbone import smollm2_folder
+
+    return smollm2_folder() if spec == "smollm2" else Path(spec)
+
+
+def load_model(spec: str, device=None, dtype=None):
+    """(model, tokenizer) of a Hugging Face folder or 'smollm2', on `device` in `dtype` (default: CPU, fp32)."""
     import torch
     import transformers
 
-    from cprec.backbone import smollm2_folder
-
     transformers.logging.set_verbosity_error()
-    folder = smollm2_folder() if spec == "smollm2" else Path(spec)
+    folder = model_folder(spec)
     if not (folder / "config.json").is_file():
         raise CPRecError(f"--model {spec}: not a Hugging Face model folder (no config.json) nor 'smollm2'")
     if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
         raise CPRecError(f"--model {spec}: the folder has no tokenizer (tokenizer.json); evaluation renders text, "
                          f"so copy the backbone's tokenizer files into it (an export takes them from the run's "
                          f"model/ folder, which has none when the run trained a model built from model.config)")
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    return model, transformers.AutoTokenizer.from_pretrained(folder)
+    dtype = dtype or torch.float32
+    try:  # the batched scorer passes its own 4-D masks, which SDPA (and eager) attention take
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
+    except (ValueError, ImportError):
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="eager")
+    return model.to(device or "cpu"), transformers.AutoTokenizer.from_pretrained(folder)
+
+
+def fingerprint(paths: list[Path]) -> str:
+    """BLAKE2b-128 of the files' names and contents (a resume must see the same model, data, candidates)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for path in sorted(paths):
+        digest.update(path.name.encode() + b"\0")
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- data
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise CPRecError(f"{path}: missing")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 class Downstream:
@@ -87,7 +163,7 @@ class Downstream:
         self.index = {t: i for i, t in enumerate(self.titles)}
         test = read_jsonl(prepared / "downstream" / self.slug / "test.jsonl")
         if cfg.users is not None and cfg.users < len(test):
-            keep = np.sort(np.random.default_rng([cfg.seed, _key(domain)]).choice(len(test), cfg.users, replace=False))
+            keep = np.sort(np.random.default_rng([cfg.seed, stable_key(domain)]).choice(len(test), cfg.users, replace=False))
             test = [test[i] for i in keep]
         self.test = test
         self.budget, self.cost = manifest["budget"]["size"], cost
@@ -98,16 +174,18 @@ class Downstream:
     def candidates(self, row: dict, negatives: int, seed: int) -> list[str]:
         """The target first, then `negatives` titles the user never touched (seeded by user); all untouched
         titles where the catalogue has fewer (MovieLens genres have 42-92 items after the 5-core)."""
-        seen = set(row["history"]) | {row["target"]}
-        pool = [t for t in self.titles if t not in seen]
+        free = np.ones(len(self.titles), dtype=bool)  # the untouched titles, in catalogue order
+        free[[self.index[t] for t in {*row["history"], row["target"]} if t in self.index]] = False
+        pool = np.flatnonzero(free)
         n = min(negatives, len(pool))
-        pick = np.random.default_rng([seed, _key(self.domain, row["user"])]).choice(len(pool), n, replace=False)
-        return [row["target"]] + [pool[i] for i in sorted(pick)]
+        pick = np.random.default_rng([seed, stable_key(self.domain, row["user"])]).choice(len(pool), n, replace=False)
+        return [row["target"]] + [self.titles[pool[i]] for i in sorted(pick)]
 
 
-def sampled_candidates(ds: Downstream, cfg: EvalConfig, out: Path, reuse: Path | None) -> list[list[str]]:
+def sampled_candidates(ds: Downstream, cfg: EvalConfig, out: Path, reuse: Path | None,
+                       write: bool = True) -> list[list[str]]:
     """Candidates of every test user: read from `reuse` when given (the same for every model), else drawn
-    and written to `out/candidates/<domain>.jsonl`."""
+    and (when `write`) written to `out/candidates/<domain>.jsonl`."""
     if reuse is not None:
         rows = read_jsonl(reuse / f"{ds.slug}.jsonl")
         by_user = {r["user"]: r["candidates"] for r in rows}
@@ -116,11 +194,15 @@ def sampled_candidates(ds: Downstream, cfg: EvalConfig, out: Path, reuse: Path |
             raise CPRecError(f"{reuse / (ds.slug + '.jsonl')} has no candidates for user {missing[0]}")
         return [by_user[r["user"]] for r in ds.test]
     cands = [ds.candidates(r, cfg.negatives, cfg.seed) for r in ds.test]
-    (out / "candidates").mkdir(parents=True, exist_ok=True)
-    with open(out / "candidates" / f"{ds.slug}.jsonl", "w", encoding="utf-8") as fh:
-        for row, c in zip(ds.test, cands):
-            fh.write(json.dumps({"user": row["user"], "target": row["target"], "candidates": c},
-                                ensure_ascii=False) + "\n")
+    if write:
+        (out / "candidates").mkdir(parents=True, exist_ok=True)
+        path = out / "candidates" / f"{ds.slug}.jsonl"
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for row, c in zip(ds.test, cands):
+                fh.write(json.dumps({"user": row["user"], "target": row["target"], "candidates": c},
+                                    ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
     return cands
 
 
@@ -137,45 +219,239 @@ def downstream_domains(prepared: Path, cfg: EvalConfig) -> tuple[dict, list[str]
     return manifest, domains
 
 
+def protocols(cfg: EvalConfig) -> list[str]:
+    return [p for p in ("sampled", "full") if cfg.protocol in (p, "both")]
+
+
+# ---------------------------------------------------------------- ranks (processes)
+
+class Ranks:
+    """This process's place among the torchrun ranks (one process without a launcher). Collectives carry
+    only small Python objects, over gloo, whatever the device: no NCCL timeout can end a long evaluation."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.created = False
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                # ranks wait for the slowest at the end: allow for a long imbalance
+                dist.init_process_group("gloo", timeout=timedelta(hours=24))
+                self.created = True
+            self.dist = dist
+
+    def from_rank0(self, value):
+        """Rank 0's `value` on every rank."""
+        if self.world == 1:
+            return value
+        box = [value]
+        self.dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, value) -> list:
+        if self.world == 1:
+            return [value]
+        out = [None] * self.world
+        self.dist.all_gather_object(out, value)
+        return out
+
+    def close(self) -> None:
+        if self.created:
+            self.dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- the evaluation
+
+def settings_record(model_spec: str, prepared: Path, domains: list[str], cfg: EvalConfig, candidates: Path | None,
+                    dtype) -> dict:
+    """What decides the results (see `cprec.eval.ranks`)."""
+    folder = model_folder(model_spec)
+    record = {"model": str(model_spec), "model_files": fingerprint([p for p in folder.iterdir() if p.is_file()]),
+              "data": str(prepared.resolve()), "data_manifest": fingerprint([prepared / "manifest.json"]),
+              "protocol": cfg.protocol, "domains": domains, "users": cfg.users, "negatives": cfg.negatives,
+              "seed": cfg.seed, "top_k": TOP_K, "dtype": str(dtype).removeprefix("torch.")}
+    record["candidates"] = str(candidates.resolve()) if candidates else None
+    record["candidates_files"] = fingerprint(sorted(candidates.glob("*.jsonl"))) if candidates else None
+    return record
+
+
+@dataclass
+class Unit:
+    """A batch of users of one domain and protocol: the unit of work, of sharding and of resuming."""
+    domain: str
+    protocol: str
+    users: list[int]  # indices into the domain's test users
+
+
+def plan(domains: list[str], test_sizes: dict[str, int], prompt_lengths: dict[str, list[int]], cfg: EvalConfig
+         ) -> list[Unit]:
+    """Every unit of the evaluation in a fixed order. Users are grouped by prompt length (little padding);
+    the units do not depend on the number of ranks, so every rank count computes the same batches."""
+    units = []
+    for domain in domains:
+        order = np.argsort(prompt_lengths[domain], kind="stable").tolist()
+        for protocol in protocols(cfg):
+            units += [Unit(domain, protocol, order[i:i + cfg.batch_users])
+                      for i in range(0, test_sizes[domain], cfg.batch_users)]
+    return units
+
+
 def evaluate(model_spec: str, prepared: str | Path, out: str | Path, cfg: EvalConfig,
-             candidates: str | Path | None = None) -> dict:
-    from cprec.eval.scoring import TitleScorer, TitleTrie
+             candidates: str | Path | None = None) -> dict | None:
+    """Evaluate (this process is one rank of any number); returns the results on rank 0, None elsewhere."""
+    from cprec.eval.batched import BatchScorer
 
     cfg.validate()
     prepared, out = Path(prepared), Path(out)
+    reuse = Path(candidates) if candidates else None
     manifest, domains = downstream_domains(prepared, cfg)
-    model, tok = load_model(model_spec)
-    scorer = TitleScorer(model, tok, cfg.batch_size)
-    cost = (lambda line: len(scorer.tok(line, add_special_tokens=False)["input_ids"])) \
-        if manifest["budget"]["unit"] == "tokens" else len
-    out.mkdir(parents=True, exist_ok=True)
-    results = {"model": str(model_spec), "prepared": str(prepared), "protocol": cfg.protocol,
-               "config": cfg.__dict__, "domains": {}}
-    for domain in domains:
-        ds = Downstream(prepared, manifest, domain, cfg, cost)
+    ranks = Ranks()
+    try:
+        device, dtype = resolve_device(cfg.device, cfg.dtype)
+        model, tok = load_model(model_spec, device, dtype)  # a model that cannot load claims no folder
+        error = None
+        if ranks.rank == 0:
+            try:
+                rank_files.claim(out, settings_record(model_spec, prepared, domains, cfg, reuse, dtype))
+            except Exception as exc:  # noqa: BLE001 - the other ranks wait for word of it
+                if ranks.world == 1:
+                    raise
+                error = str(exc) if isinstance(exc, CPRecError) else f"{type(exc).__name__}: {exc}"
+        error = ranks.from_rank0(error)
+        if error:
+            raise CPRecError(error)
+        done = rank_files.read_done(out)
+        cfg = sized_for(cfg, device)
+        scorer = BatchScorer(model, tok, cfg.row_nodes, cfg.tokens_per_pass, cfg.node_cache_mb << 20)
+        cost = (lambda line: len(scorer.tok(line, add_special_tokens=False)["input_ids"])) \
+            if manifest["budget"]["unit"] == "tokens" else len
+        sets = {}
+        for domain in domains:
+            ds = Downstream(prepared, manifest, domain, cfg, cost)
+            prompts = [ds.prompt(r) for r in ds.test]
+            cands = sampled_candidates(ds, cfg, out, reuse, write=ranks.rank == 0) \
+                if "sampled" in protocols(cfg) else None
+            sets[domain] = (ds, prompts, cands)
+        units = plan(domains, {d: len(s[0].test) for d, s in sets.items()},
+                     {d: [len(scorer.prompt_ids(p)) for p in s[1]] for d, s in sets.items()}, cfg)
+        started = time.perf_counter()
+        seconds = _score_units(scorer, sets, units[ranks.rank::ranks.world], done, out, ranks.rank, cfg)
+        timing = ranks.gather({"seconds": seconds, "stats": scorer.stats})
+        if ranks.world > 1:
+            ranks.dist.barrier()  # every rank's appends are on disk
+        results = None
+        if ranks.rank == 0:
+            results = _finish(out, model_spec, prepared, cfg, sets, settings_record_of(out))
+            _write_timing(out, timing, time.perf_counter() - started, device, dtype, ranks.world, cfg)
+        if ranks.world > 1:
+            ranks.dist.barrier()
+        return results
+    finally:
+        ranks.close()
+
+
+def settings_record_of(out: Path) -> dict:
+    return json.loads((out / rank_files.SETTINGS_FILE).read_text(encoding="utf-8"))
+
+
+def _score_units(scorer, sets: dict, units: list[Unit], done: dict, out: Path, rank: int, cfg: EvalConfig) -> dict:
+    """Score this rank's units that `done` lacks, appending each unit's ranks; seconds per (domain, protocol)."""
+    from cprec.eval.batched import PrefixTree
+
+    todo = [u for u in units if any((u.domain, u.protocol, str(sets[u.domain][0].test[i]["user"])) not in done
+                                    for i in u.users)]
+    log = rank_files.RankLog(out, rank)
+    trees: dict[str, object] = {}
+    seconds: dict = {}
+    bar = tqdm(total=sum(len(u.users) for u in todo), desc="evaluate", unit=" users", disable=rank != 0)
+    try:
+        for unit in todo:
+            ds, prompts, cands = sets[unit.domain]
+            users_prompts = [prompts[i] for i in unit.users]
+            started = time.perf_counter()
+            if unit.protocol == "sampled":
+                titles = [cands[i] for i in unit.users]
+                if max(map(len, titles)) < cfg.exhaustive_below:  # score them all: fewest, largest passes
+                    ranks = [rank_against_ties(s, 0) for s in scorer.score_users(users_prompts, titles)]
+                else:  # expand only what scores at least the target
+                    ranks = scorer.rank_users(users_prompts, titles)
+                found = list(zip(ranks, map(len, titles)))
+            else:
+                if unit.domain not in trees:
+                    trees[unit.domain] = PrefixTree(scorer.lines_ids(ds.titles))
+                top = scorer.top_k_users(users_prompts, trees[unit.domain], TOP_K, cfg.beam,
+                                         exhaustive=len(ds.titles) < cfg.exhaustive_below, frontier=cfg.frontier)
+                found = []
+                for best, i in zip(top, unit.users):
+                    titles = [ds.titles[t] for t, _ in best]
+                    target = ds.test[i]["target"]
+                    found.append((titles.index(target) if target in titles else None, len(ds.titles)))
+            records = [rank_files.record(unit.domain, unit.protocol, ds.test[i]["user"], r, n)
+                       for i, (r, n) in zip(unit.users, found)]
+            log.append([r for r in records if rank_files.key(r) not in done])
+            entry = seconds.setdefault(f"{unit.domain}/{unit.protocol}", [0, 0.0])
+            entry[0] += len(unit.users)
+            entry[1] += time.perf_counter() - started
+            bar.update(len(unit.users))
+    finally:
+        bar.close()
+        log.close()
+    return seconds
+
+
+def _finish(out: Path, model_spec: str, prepared: Path, cfg: EvalConfig, sets: dict, settings: dict) -> dict:
+    """Rank 0, once every rank is done: ranks.jsonl in its fixed order, results.json and results.md."""
+    done = rank_files.read_done(out)
+    records, missing = [], []
+    results = {"model": str(model_spec), "prepared": str(prepared), "protocol": cfg.protocol, "settings": settings,
+               "domains": {}}
+    for domain, (ds, _, _) in sets.items():
         entry: dict = {"users": len(ds.test), "items": len(ds.titles)}
-        prompts = [ds.prompt(r) for r in ds.test]
-        if cfg.protocol in ("sampled", "both"):
-            cands = sampled_candidates(ds, cfg, out, Path(candidates) if candidates else None)
-            started = time.perf_counter()
-            ranks = [rank_against_ties(scorer.score(p, c), 0)
-                     for p, c in tqdm(list(zip(prompts, cands)), desc=f"sampled {domain}", unit=" users")]
-            entry["sampled"] = {**ranking_metrics(ranks), "candidates": cfg.negatives + 1,
-                                "mean_candidates": float(np.mean([len(c) for c in cands])),
-                                "seconds_per_user": (time.perf_counter() - started) / len(ranks)}
-        if cfg.protocol in ("full", "both"):
-            trie = TitleTrie([scorer.line_ids(t) for t in ds.titles], ds.titles)
-            k = max(HR_KS + NDCG_KS)
-            started = time.perf_counter()
-            ranks = []
-            for p, row in tqdm(list(zip(prompts, ds.test)), desc=f"full {domain}", unit=" users"):
-                top = [ds.titles[i] for i, _ in scorer.top_k(p, trie, k, cfg.beam, cfg.exhaustive_below)]
-                ranks.append(top.index(row["target"]) if row["target"] in top else None)
-            entry["full"] = {**ranking_metrics(ranks), "seconds_per_user": (time.perf_counter() - started) / len(ranks)}
+        for protocol in protocols(cfg):
+            mine = []
+            for row in ds.test:
+                rec = done.get((domain, protocol, str(row["user"])))
+                if rec is None:
+                    missing.append((domain, protocol, row["user"]))
+                else:
+                    mine.append(rec)
+            records += mine
+            if not mine:
+                continue
+            metrics = ranking_metrics([r["rank"] for r in mine])
+            if protocol == "sampled":
+                metrics.update(candidates=cfg.negatives + 1,
+                               mean_candidates=float(np.mean([r["candidates"] for r in mine])))
+            entry[protocol] = metrics
         results["domains"][domain] = entry
+    if missing:  # a rank died without raising: never write results over a hole
+        raise CPRecError(f"{out}: {len(missing)} users have no rank (first: {missing[0]}); run the same command "
+                         f"again to score them")
+    rank_files.finish(out, records)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(results_markdown({str(model_spec): results}))
     return results
+
+
+def _write_timing(out: Path, per_rank: list[dict], wall: float, device, dtype, world: int, cfg: EvalConfig) -> None:
+    """This run's speed (a resumed run counts only the users it scored)."""
+    totals: dict = {}
+    for part in per_rank:
+        for name, (users, seconds) in part["seconds"].items():
+            entry = totals.setdefault(name, {"users": 0, "seconds": 0.0})
+            entry["users"] += users
+            entry["seconds"] += seconds
+    for entry in totals.values():
+        entry["seconds_per_user"] = entry["seconds"] / entry["users"]  # one rank's seconds per user
+    users = sum(entry["users"] for entry in totals.values())
+    timing = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "ranks": world,
+              "batch_users": cfg.batch_users, "wall_seconds": wall,
+              "users_per_second": users / wall if users else None, "scored": totals,
+              "search": {"fallbacks": sum(p["stats"]["fallbacks"] for p in per_rank),
+                         "peak_frontier": max(p["stats"]["peak_frontier"] for p in per_rank)}}
+    (out / "timing.json").write_text(json.dumps(timing, indent=2) + "\n")
 
 
 def results_markdown(runs: dict[str, dict]) -> str:

@@ -2,7 +2,9 @@
 
 Trained on the downstream training prefixes only (next item at every position), scored on the same test
 users as the language models: full ranking over the domain's whole catalogue, and the sampled protocol on
-the candidates `cprec evaluate` saved. Ties count against the target in both.
+the candidates `cprec evaluate` saved. Ties count against the target in both. It runs where `cprec evaluate`
+would (the GPU when there is one; `device`/`dtype`), bf16 by autocast with fp32 weights, and writes the same
+`ranks.jsonl` (its full-ranking ranks are exact over the whole catalogue, never null).
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from cprec.eval import ranks as rank_files
 from cprec.eval.metrics import rank_against_ties, ranking_metrics
+
+SCORE_USERS = 1024  # users scored at once: bounds the [users, items] score matrix
 
 
 @dataclass
@@ -64,22 +69,31 @@ def _left_pad(seqs: list[list[int]], length: int) -> torch.Tensor:
     return out
 
 
-def train_sasrec(sequences: list[list[int]], n_items: int, cfg: SASRecConfig) -> SASRec:
+def _autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision in `dtype` (weights stay fp32), or nothing for fp32."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def train_sasrec(sequences: list[list[int]], n_items: int, cfg: SASRecConfig, device: torch.device | None = None,
+                 dtype: torch.dtype = torch.float32) -> SASRec:
     """Next-item cross-entropy at every position of every training sequence (item indices 0..n_items-1)."""
+    device = device or torch.device("cpu")
     torch.manual_seed(cfg.seed)
-    model = SASRec(n_items, cfg)
+    model = SASRec(n_items, cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     data = [s[-(cfg.max_len + 1):] for s in sequences if len(s) >= 2]
-    inputs = _left_pad([s[:-1] for s in data], cfg.max_len)
-    targets = _left_pad([s[1:] for s in data], cfg.max_len) - 1  # -1 where padded
+    inputs = _left_pad([s[:-1] for s in data], cfg.max_len).to(device)
+    targets = _left_pad([s[1:] for s in data], cfg.max_len).to(device) - 1  # -1 where padded
     gen = torch.Generator().manual_seed(cfg.seed)
     model.train()
     for _ in tqdm(range(cfg.epochs), desc="SASRec", unit=" epochs", leave=False):
         order = torch.randperm(len(data), generator=gen)
         for start in range(0, len(data), cfg.batch_size):
-            idx = order[start:start + cfg.batch_size]
-            logits = model(inputs[idx])
-            loss = nn.functional.cross_entropy(logits.reshape(-1, n_items), targets[idx].reshape(-1), ignore_index=-1)
+            idx = order[start:start + cfg.batch_size].to(device)
+            with _autocast(device, dtype):
+                logits = model(inputs[idx])
+            loss = nn.functional.cross_entropy(logits.float().reshape(-1, n_items), targets[idx].reshape(-1),
+                                               ignore_index=-1)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -87,38 +101,52 @@ def train_sasrec(sequences: list[list[int]], n_items: int, cfg: SASRecConfig) ->
 
 
 @torch.no_grad()
-def next_item_scores(model: SASRec, histories: list[list[int]]) -> np.ndarray:
+def next_item_scores(model: SASRec, histories: list[list[int]], dtype: torch.dtype = torch.float32) -> np.ndarray:
     """[users, n_items] scores of the next item after each history."""
-    seq = _left_pad(histories, model.cfg.max_len)
-    return model(seq)[:, -1].numpy()
+    device = next(model.parameters()).device
+    with _autocast(device, dtype):
+        return model(_left_pad(histories, model.cfg.max_len).to(device))[:, -1].float().cpu().numpy()
 
 
 def evaluate_sasrec(prepared: str | Path, out: str | Path, eval_cfg, cfg: SASRecConfig,
                     candidates: str | Path | None = None) -> dict:
     """The SASRec baseline on the same test users (and saved candidates) as `cprec evaluate`."""
-    from cprec.eval.evaluate import Downstream, downstream_domains, read_jsonl, results_markdown, sampled_candidates
+    from cprec.eval.evaluate import (Downstream, downstream_domains, protocols, read_jsonl, resolve_device,
+                                     results_markdown, sampled_candidates)
 
     prepared, out = Path(prepared), Path(out)
     manifest, domains = downstream_domains(prepared, eval_cfg)
+    device, dtype = resolve_device(eval_cfg.device, eval_cfg.dtype)
     out.mkdir(parents=True, exist_ok=True)
     results = {"model": "SASRec", "prepared": str(prepared), "protocol": eval_cfg.protocol,
                "config": {**eval_cfg.__dict__, "sasrec": cfg.__dict__}, "domains": {}}
+    records = []
     for domain in domains:
         ds = Downstream(prepared, manifest, domain, eval_cfg, len)
         train = read_jsonl(prepared / "downstream" / ds.slug / "train.jsonl")
         started = time.perf_counter()
-        model = train_sasrec([[ds.index[t] for t in r["items"]] for r in train], len(ds.titles), cfg)
-        scores = next_item_scores(model, [[ds.index[t] for t in r["history"]] for r in ds.test])
+        model = train_sasrec([[ds.index[t] for t in r["items"]] for r in train], len(ds.titles), cfg, device, dtype)
         entry = {"users": len(ds.test), "items": len(ds.titles), "train_seconds": time.perf_counter() - started}
-        targets = [ds.index[r["target"]] for r in ds.test]
-        if eval_cfg.protocol in ("full", "both"):
-            entry["full"] = ranking_metrics([rank_against_ties(s, t) for s, t in zip(scores, targets)])
-        if eval_cfg.protocol in ("sampled", "both"):
-            cands = sampled_candidates(ds, eval_cfg, out, Path(candidates) if candidates else None)
-            ranks = [rank_against_ties(s[[ds.index[c] for c in cs]], 0) for s, cs in zip(scores, cands)]
-            entry["sampled"] = {**ranking_metrics(ranks), "candidates": eval_cfg.negatives + 1,
-                                "mean_candidates": float(np.mean([len(c) for c in cands]))}
+        cands = sampled_candidates(ds, eval_cfg, out, Path(candidates) if candidates else None) \
+            if "sampled" in protocols(eval_cfg) else None
+        found = {"sampled": [], "full": []}
+        for lo in range(0, len(ds.test), SCORE_USERS):
+            rows = ds.test[lo:lo + SCORE_USERS]
+            scores = next_item_scores(model, [[ds.index[t] for t in r["history"]] for r in rows], dtype)
+            for row, s, i in zip(rows, scores, range(lo, lo + len(rows))):
+                found["full"].append((rank_against_ties(s, ds.index[row["target"]]), len(ds.titles)))
+                if cands is not None:
+                    found["sampled"].append((rank_against_ties(s[[ds.index[c] for c in cands[i]]], 0), len(cands[i])))
+        for protocol in protocols(eval_cfg):
+            records += [rank_files.record(domain, protocol, row["user"], r, n)
+                        for row, (r, n) in zip(ds.test, found[protocol])]
+            metrics = ranking_metrics([r for r, _ in found[protocol]])
+            if protocol == "sampled":
+                metrics.update(candidates=eval_cfg.negatives + 1,
+                               mean_candidates=float(np.mean([len(c) for c in cands])))
+            entry[protocol] = metrics
         results["domains"][domain] = entry
+    rank_files.finish(out, records)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(results_markdown({"SASRec": results}))
     return results

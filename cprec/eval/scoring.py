@@ -1,4 +1,7 @@
-"""Scoring item titles as continuations of a prompt with a causal LM.
+"""Scoring item titles as continuations of a prompt with a causal LM, one user at a time.
+
+This is the one-user path: the reference that `cprec.eval.batched` (what `cprec evaluate` runs) is tested
+against, and the baseline of `benchmarks/bench_eval.py`.
 
 A candidate is an item line of the template: the title and the end marker "\\n". Its score is the summed
 log-probability of its tokens given the prompt (no length normalisation). The prompt is run once and its

@@ -1,0 +1,138 @@
+"""Evaluation speed on one GPU: users/s of SmolLM2-135M on a generated 10,000-title catalogue, with its ranks
+checked against the CPU path. Goal (issue 14): >= 50 users/s full ranking on one H100-class GPU.
+
+Users are generated: a history of 3-12 catalogue titles (the prompt, within a 511-token budget as MovieLens
+is prepared), a target title outside it, and 99 sampled negatives. Prints, for the GPU in its evaluation
+precision (bf16 by default): users/s of full ranking (exact top-20 by best-first search, `batch_users` users
+per step) and of sampled ranking (100 candidates), the search's peak frontier and fallbacks; then, on
+--check-users users, the same ranks recomputed by the CPU path (fp32, the same batched scorer on the CPU)
+and by the GPU in fp32: the fp32 ranks must be identical to the CPU's; bf16's agreement is reported (its
+rounding can reorder near-ties, so it is a figure, not a check).
+
+Run:  python benchmarks/gpu_eval.py [--users 1024] [--catalogue 10000] [--batch-users 128] [--out gpu_eval.json]
+Smoke test on a CPU (tiny sizes):
+      python benchmarks/gpu_eval.py --device cpu --catalogue 300 --users 4 --check-users 2 --batch-users 2
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cprec.data.synthetic import SyntheticConfig, SyntheticWorld  # noqa: E402
+from cprec.data.template import render_example  # noqa: E402
+from cprec.eval.batched import BatchScorer, PrefixTree  # noqa: E402
+from cprec.eval.evaluate import TOP_K, load_model, resolve_device  # noqa: E402
+from cprec.eval.metrics import rank_against_ties  # noqa: E402
+
+BUDGET = 511  # prompt tokens, as `cprec quickstart` prepares MovieLens for SmolLM2
+
+
+def users(titles: list[str], n: int, tok, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    cost = lambda line: len(tok(line, add_special_tokens=False)["input_ids"])  # noqa: E731
+    out = []
+    for _ in range(n):
+        picks = rng.choice(len(titles), int(rng.integers(3, 13)) + 100, replace=False)
+        history, target, negatives = picks[:-100], picks[-100], picks[-99:]
+        out.append({"prompt": render_example("Books", [titles[i] for i in history], None, BUDGET, cost)[0],
+                    "target": int(target), "candidates": [titles[target]] + [titles[i] for i in negatives]})
+    return out
+
+
+def rank_all(scorer: BatchScorer, tree: PrefixTree, rows: list[dict], args, timed: bool = False) -> dict:
+    """Full-ranking and sampled ranks of `rows` in batches of --batch-users, with seconds of each protocol."""
+    sync = torch.cuda.synchronize if scorer.device.type == "cuda" else (lambda: None)
+    full, sampled, seconds = [], [], {"full": 0.0, "sampled": 0.0}
+    for lo in range(0, len(rows), args.batch_users):
+        batch = rows[lo:lo + args.batch_users]
+        sync()
+        started = time.perf_counter()
+        tops = scorer.top_k_users([r["prompt"] for r in batch], tree, TOP_K, args.beam, frontier=args.frontier)
+        sync()
+        seconds["full"] += time.perf_counter() - started
+        full += [[i for i, _ in top] for top in tops]
+        started = time.perf_counter()
+        titles = [r["candidates"] for r in batch]
+        sampled += [rank_against_ties(s, 0) for s in scorer.score_users([r["prompt"] for r in batch], titles)]
+        sync()
+        seconds["sampled"] += time.perf_counter() - started
+    return {"full": full, "sampled": sampled, "seconds": seconds}
+
+
+def scorer_for(device, dtype, args) -> BatchScorer:
+    model, tok = load_model("smollm2", device, dtype)
+    return BatchScorer(model, tok, row_nodes=args.row_nodes, tokens_per_pass=args.tokens_per_pass,
+                       node_cache_bytes=args.node_cache_mb << 20)
+
+
+def agreement(a: dict, b: dict, rows: list[dict]) -> dict:
+    target_rank = lambda top, r: top.index(r["target"]) if r["target"] in top else None  # noqa: E731
+    return {"full_top20_identical": sum(x == y for x, y in zip(a["full"], b["full"])),
+            "full_target_rank_identical": sum(target_rank(x, r) == target_rank(y, r)
+                                              for x, y, r in zip(a["full"], b["full"], rows)),
+            "sampled_rank_identical": sum(x == y for x, y in zip(a["sampled"], b["sampled"])), "users": len(rows)}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--users", type=int, default=1024)
+    parser.add_argument("--catalogue", type=int, default=10_000)
+    parser.add_argument("--batch-users", dest="batch_users", type=int, default=128)
+    parser.add_argument("--beam", type=int, default=64)
+    parser.add_argument("--frontier", type=int, default=50_000)
+    parser.add_argument("--row-nodes", dest="row_nodes", type=int, default=256)
+    parser.add_argument("--tokens-per-pass", dest="tokens_per_pass", type=int, default=32768)
+    parser.add_argument("--node-cache-mb", dest="node_cache_mb", type=int, default=8192)
+    parser.add_argument("--check-users", dest="check_users", type=int, default=4)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--out", help="also write the figures to this JSON file")
+    args = parser.parse_args()
+
+    device, dtype = resolve_device(args.device, args.dtype)
+    scorer = scorer_for(device, dtype, args)
+    titles = SyntheticWorld(SyntheticConfig(domains=1, items_per_domain=args.catalogue, themes=8,
+                                            users=1)).titles[0]
+    tree = PrefixTree(scorer.lines_ids(titles))
+    rows = users(titles, args.users, scorer.tok)
+    rank_all(scorer, tree, rows[:min(len(rows), args.batch_users)], args)  # warm-up: allocations, kernels
+    scorer.reset_stats()
+    main_run = rank_all(scorer, tree, rows, args)
+    stats = dict(scorer.stats)
+    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "dtype": str(dtype).removeprefix("torch."), "catalogue": len(titles), "tree_nodes": tree.size - 1,
+              "users": len(rows), "batch_users": args.batch_users, "beam": args.beam,
+              "full_users_per_s": len(rows) / main_run["seconds"]["full"],
+              "sampled_users_per_s": len(rows) / main_run["seconds"]["sampled"], "search": stats}
+
+    check = rows[:args.check_users]
+    del scorer
+    cpu = rank_all(scorer_for(torch.device("cpu"), torch.float32, args), tree, check, args)
+    mine = {"full": main_run["full"][:len(check)], "sampled": main_run["sampled"][:len(check)]}
+    report[f"{report['dtype']}_vs_cpu_fp32"] = agreement(mine, cpu, check)
+    if device.type == "cuda" and dtype != torch.float32:
+        fp32 = rank_all(scorer_for(device, torch.float32, args), tree, check, args)
+        report["gpu_fp32_vs_cpu_fp32"] = agreement(fp32, cpu, check)
+    fp32 = report.get("gpu_fp32_vs_cpu_fp32") or (report[f"{report['dtype']}_vs_cpu_fp32"]
+                                                   if dtype == torch.float32 else None)
+    report["fp32_ranks_identical"] = None if fp32 is None else \
+        fp32["full_top20_identical"] == len(check) and fp32["sampled_rank_identical"] == len(check)
+
+    print(json.dumps(report, indent=2))
+    print(f"\n{report['device']} {report['dtype']}: full ranking {report['full_users_per_s']:.1f} users/s, sampled "
+          f"{report['sampled_users_per_s']:.1f} users/s ({len(rows)} users, {len(titles):,} titles, peak frontier "
+          f"{stats['peak_frontier']:,}, {stats['fallbacks']} fallbacks); fp32 ranks identical to the CPU path on "
+          f"{len(check)} users: {report['fp32_ranks_identical']}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
