@@ -89,7 +89,8 @@ def movielens(args) -> list[str]:
         row("full ranking, every title, bf16 on this CPU", t_one_f, t_bf16_f,
             same(target_ranks(one_f), target_ranks(bf16_f))),
         "", "whole top-20 lists identical to the one-user path's: batched fp32 "
-        f"{same(top_ids(one_f), top_ids(batch_f))}, best-first fp32 {same(top_ids(one_f), top_ids(search_f))}, bf16 {same(top_ids(one_f), top_ids(bf16_f))}; "
+        f"{same(top_ids(one_f), top_ids(batch_f))}, best-first fp32 {same(top_ids(one_f), top_ids(search_f))}, "
+        f"bf16 {same(top_ids(one_f), top_ids(bf16_f))}; "
         f"largest |score difference| one-user vs batched, fp32 (sampled): {diff:.2e}"]
 
 
