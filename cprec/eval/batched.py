@@ -207,8 +207,11 @@ class NodeCache:
 
     def keep(self, owners: list[tuple[int, int]], keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         """Store the per-layer [n, kv heads, head dim] K/V of `owners` (user, node) while there is room."""
-        new = [i for i, owner in enumerate(owners) if owner not in self.slot]
-        new = list({owners[i]: i for i in reversed(new)}.values())[::-1]  # a node fed in two rows: once
+        new, seen = [], set()
+        for i, owner in enumerate(owners):
+            if owner not in self.slot and owner not in seen:  # a node fed in two rows is kept once
+                seen.add(owner)
+                new.append(i)
         take = new[:self.capacity - len(self.slot)]
         if not take:
             return

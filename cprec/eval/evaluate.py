@@ -311,17 +311,7 @@ def evaluate(model_spec: str, prepared: str | Path, out: str | Path, cfg: EvalCo
     try:
         device, dtype = resolve_device(cfg.device, cfg.dtype)
         model, tok = load_model(model_spec, device, dtype)  # a model that cannot load claims no folder
-        error = None
-        if ranks.rank == 0:
-            try:
-                rank_files.claim(out, settings_record(model_spec, prepared, domains, cfg, reuse, dtype))
-            except Exception as exc:  # noqa: BLE001 - the other ranks wait for word of it
-                if ranks.world == 1:
-                    raise
-                error = str(exc) if isinstance(exc, CPRecError) else f"{type(exc).__name__}: {exc}"
-        error = ranks.from_rank0(error)
-        if error:
-            raise CPRecError(error)
+        _claim(ranks, out, lambda: settings_record(model_spec, prepared, domains, cfg, reuse, dtype))
         done = rank_files.read_done(out)
         cfg = sized_for(cfg, device)
         scorer = BatchScorer(model, tok, cfg.row_nodes, cfg.tokens_per_pass, cfg.node_cache_mb << 20)
@@ -330,10 +320,9 @@ def evaluate(model_spec: str, prepared: str | Path, out: str | Path, cfg: EvalCo
         sets = {}
         for domain in domains:
             ds = Downstream(prepared, manifest, domain, cfg, cost)
-            prompts = [ds.prompt(r) for r in ds.test]
             cands = sampled_candidates(ds, cfg, out, reuse, write=ranks.rank == 0) \
                 if "sampled" in protocols(cfg) else None
-            sets[domain] = (ds, prompts, cands)
+            sets[domain] = (ds, [ds.prompt(r) for r in ds.test], cands)
         units = plan(domains, {d: len(s[0].test) for d, s in sets.items()},
                      {d: [len(scorer.prompt_ids(p)) for p in s[1]] for d, s in sets.items()}, cfg)
         started = time.perf_counter()
@@ -352,6 +341,21 @@ def evaluate(model_spec: str, prepared: str | Path, out: str | Path, cfg: EvalCo
         ranks.close()
 
 
+def _claim(ranks: Ranks, out: Path, settings) -> None:
+    """Rank 0 starts or resumes `out` (`cprec.eval.ranks.claim`); every rank learns whether it may go on."""
+    error = None
+    if ranks.rank == 0:
+        try:
+            rank_files.claim(out, settings())
+        except Exception as exc:  # noqa: BLE001 - the other ranks wait for word of it
+            if ranks.world == 1:
+                raise
+            error = str(exc) if isinstance(exc, CPRecError) else f"{type(exc).__name__}: {exc}"
+    error = ranks.from_rank0(error)
+    if error:
+        raise CPRecError(error)
+
+
 def settings_record_of(out: Path) -> dict:
     return json.loads((out / rank_files.SETTINGS_FILE).read_text(encoding="utf-8"))
 
@@ -368,26 +372,11 @@ def _score_units(scorer, sets: dict, units: list[Unit], done: dict, out: Path, r
     bar = tqdm(total=sum(len(u.users) for u in todo), desc="evaluate", unit=" users", disable=rank != 0)
     try:
         for unit in todo:
-            ds, prompts, cands = sets[unit.domain]
-            users_prompts = [prompts[i] for i in unit.users]
+            ds = sets[unit.domain][0]
             started = time.perf_counter()
-            if unit.protocol == "sampled":
-                titles = [cands[i] for i in unit.users]
-                if max(map(len, titles)) < cfg.exhaustive_below:  # score them all: fewest, largest passes
-                    ranks = [rank_against_ties(s, 0) for s in scorer.score_users(users_prompts, titles)]
-                else:  # expand only what scores at least the target
-                    ranks = scorer.rank_users(users_prompts, titles)
-                found = list(zip(ranks, map(len, titles)))
-            else:
-                if unit.domain not in trees:
-                    trees[unit.domain] = PrefixTree(scorer.lines_ids(ds.titles))
-                top = scorer.top_k_users(users_prompts, trees[unit.domain], TOP_K, cfg.beam,
-                                         exhaustive=len(ds.titles) < cfg.exhaustive_below, frontier=cfg.frontier)
-                found = []
-                for best, i in zip(top, unit.users):
-                    titles = [ds.titles[t] for t, _ in best]
-                    target = ds.test[i]["target"]
-                    found.append((titles.index(target) if target in titles else None, len(ds.titles)))
+            if unit.protocol == "full" and unit.domain not in trees:
+                trees[unit.domain] = PrefixTree(scorer.lines_ids(ds.titles))
+            found = _rank_unit(scorer, unit, sets[unit.domain], trees.get(unit.domain), cfg)
             records = [rank_files.record(unit.domain, unit.protocol, ds.test[i]["user"], r, n)
                        for i, (r, n) in zip(unit.users, found)]
             log.append([r for r in records if rank_files.key(r) not in done])
@@ -399,6 +388,27 @@ def _score_units(scorer, sets: dict, units: list[Unit], done: dict, out: Path, r
         bar.close()
         log.close()
     return seconds
+
+
+def _rank_unit(scorer, unit: Unit, domain_set: tuple, tree, cfg: EvalConfig) -> list[tuple[int | None, int]]:
+    """(rank of the target or None, titles ranked) for each user of `unit`."""
+    ds, prompts, cands = domain_set
+    users_prompts = [prompts[i] for i in unit.users]
+    if unit.protocol == "sampled":
+        titles = [cands[i] for i in unit.users]
+        if max(map(len, titles)) < cfg.exhaustive_below:  # score them all: fewest, largest passes
+            ranks = [rank_against_ties(s, 0) for s in scorer.score_users(users_prompts, titles)]
+        else:  # expand only what scores at least the target
+            ranks = scorer.rank_users(users_prompts, titles)
+        return list(zip(ranks, map(len, titles)))
+    top = scorer.top_k_users(users_prompts, tree, TOP_K, cfg.beam, exhaustive=len(ds.titles) < cfg.exhaustive_below,
+                             frontier=cfg.frontier)
+    found = []
+    for best, i in zip(top, unit.users):
+        titles = [ds.titles[t] for t, _ in best]
+        target = ds.test[i]["target"]
+        found.append((titles.index(target) if target in titles else None, len(ds.titles)))
+    return found
 
 
 def _finish(out: Path, model_spec: str, prepared: Path, cfg: EvalConfig, sets: dict, settings: dict) -> dict:
