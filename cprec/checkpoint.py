@@ -158,7 +158,10 @@ def to_universal(checkpoint: Path) -> Path:
         return out
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(checkpoint),
-           "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+           "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1",
+           # stages 1-2 need this client state, which Megatron-DeepSpeed writes; for data parallelism alone
+           # (no tensor or pipeline parallel patterns) it is the version key that DeepSpeed's own flag adds
+           "--inject_missing_state"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise CPRecError(f"converting {checkpoint} to a universal checkpoint failed; run by hand:\n  "

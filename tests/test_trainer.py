@@ -243,3 +243,136 @@ def test_config_and_batch_errors_name_what_is_wrong(work):
     again = torchrun(work, "exists", "max_steps=1", check=False)
     assert again.returncode != 0 and "already holds checkpoints; pass --resume" in again.stderr
     assert proc.returncode == 0
+
+
+# ---------------------------------------------------------------- ZeRO stage and the chunked loss
+
+def test_zero_stage_and_loss_chunk_settings_are_checked():
+    for bad in (0, 4):
+        with pytest.raises(CPRecError, match=f"zero_stage must be one of 1, 2, 3 .* got {bad}"):
+            from_dict(TrainConfig, {"shards": "x", "zero_stage": bad}).validate()
+    with pytest.raises(CPRecError, match="loss_chunk_tokens must be >= 0"):
+        from_dict(TrainConfig, {"shards": "x", "loss_chunk_tokens": -1}).validate()
+    cfg = from_dict(TrainConfig, {"shards": "x", "zero_stage": 2, "global_batch": 2})
+    ds = build_ds_config(cfg, 1, cuda=False)
+    assert ds["zero_optimization"]["stage"] == 2
+    assert "reduce_scatter" not in ds["zero_optimization"]  # the world-size-1 ZeRO-3 settings are not added
+    assert build_ds_config(from_dict(TrainConfig, {"shards": "x", "global_batch": 2}), 1,
+                           cuda=False)["zero_optimization"]["reduce_scatter"] is False
+    stage0 = Path(__file__).parent / "stage0.json"
+    try:
+        stage0.write_text(json.dumps({"zero_optimization": {"stage": 0}}))
+        with pytest.raises(CPRecError, match="zero_optimization.stage is 0; CPRec trains with ZeRO stage 1, 2 or 3"):
+            build_ds_config(from_dict(TrainConfig, {"shards": "x", "deepspeed": str(stage0)}), 1, cuda=False)
+    finally:
+        stage0.unlink()
+
+
+def test_chunked_loss_head_gives_the_same_losses_and_gradients_with_tied_weights():
+    """Whole logits against 17-token chunks (a ragged last chunk), ignored labels included, tied head."""
+    import copy
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from cprec.train.step import ChunkedLossHead, token_losses
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(**{**TINY, "vocab_size": 1000, "tie_word_embeddings": True})
+    whole = AutoModelForCausalLM.from_config(config)
+    chunked = copy.deepcopy(whole)
+    head = ChunkedLossHead(chunked.get_output_embeddings(), 17)
+    ids, targets = torch.randint(0, 1000, (3, 50)), torch.randint(0, 1000, (3, 50))
+    targets[:, :5] = -100
+    positions = torch.arange(50).repeat(3, 1)
+    a, b = token_losses(whole, ids, positions, targets), token_losses(chunked, ids, positions, targets, head)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert (b[:, :5] == 0).all() and head.targets is None
+    (a.sum() * 0.3).backward()
+    (b.sum() * 0.3).backward()
+    for (name, p), q in zip(whole.named_parameters(), chunked.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+    with pytest.raises(RuntimeError, match="without targets"):
+        chunked(input_ids=ids)
+
+def test_zero_stage_2_trains_resumes_bit_exact_and_exports(work, straight, tmp_path):
+    """Stage 2 keeps the parameters whole on each rank: the same rows, a bit-exact resume of its own, and
+    checkpoints that export. (A random init differs from ZeRO-3's, which initialises each module's partition as
+    it is built; that stage 2 computes ZeRO-3's steps from the same weights is the next test's.)"""
+    from cprec.export import export
+
+    torchrun(work, "stage2", "zero_stage=2")
+    torchrun(work, "stage2_cut", "zero_stage=2", "max_steps=5")
+    torchrun(work, "stage2_cut", "zero_stage=2", "--resume")
+    got, want = metrics(work / "stage2"), metrics(straight)
+    assert [r["tokens_per_stream"] for r in got] == [r["tokens_per_stream"] for r in want]
+    assert got[-1]["loss"] < got[0]["loss"] - 0.5
+    assert [r["loss"] for r in metrics(work / "stage2_cut")] == [r["loss"] for r in got]  # max |d| = 0
+    tag = ckpt.tag_for(TOTAL)
+    assert ckpt.read_state(work / "stage2" / "checkpoints" / tag)["zero_stage"] == 2
+    out = export(work / "stage2" / "checkpoints" / tag, tmp_path / "hf")
+    from safetensors.torch import load_file
+
+    exported = load_file(str(out / "model.safetensors"))
+    saved = weights(work / "stage2", tag)
+    assert all(torch.equal(exported[k], saved[k]) for k in exported if k in saved)
+
+
+@pytest.mark.parametrize("first,then", [(3, 2), (2, 3)])
+def test_resume_or_branch_under_another_zero_stage_is_refused_naming_both(work, first, then):
+    run = f"stage{first}_to_{then}"
+    torchrun(work, run, f"zero_stage={first}", "max_steps=4", "checkpoint.branch_every=2")
+    before = (work / run / "metrics.jsonl").read_text()
+    for args in (["--resume"], ["--anneal-from", str(work / run / "checkpoints" / ckpt.tag_for(4)),
+                                "--anneal-steps", "2", f"run_dir={work / run}_branch"]):
+        proc = torchrun(work, run, f"zero_stage={then}", *args, check=False)
+        assert proc.returncode != 0
+        assert f"written under ZeRO stage {first} and this run uses stage {then}" in proc.stdout + proc.stderr
+    assert (work / run / "metrics.jsonl").read_text() == before  # nothing of the run rewritten
+    assert not (work / f"{run}_branch" / "config.yaml").exists()
+
+
+def test_zero_stage_2_resumes_on_another_number_of_ranks(work):
+    torchrun(work, "stage2_elastic", "zero_stage=2", "max_steps=4")
+    torchrun(work, "stage2_elastic_ref", "zero_stage=2")
+    out = torchrun(work, "stage2_elastic", "zero_stage=2", "micro_batch=2", "--resume", nproc=1)
+    assert "written by 2 ranks, now 1" in out.stdout + out.stderr
+    got, want = metrics(work / "stage2_elastic"), metrics(work / "stage2_elastic_ref")
+    assert [r["tokens_per_stream"] for r in got] == [r["tokens_per_stream"] for r in want]
+    for g, w in zip(got[4:], want[4:]):
+        assert g["loss"] == pytest.approx(w["loss"], rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def exported(work, straight):
+    """The straight run's step-4 weights as a Hugging Face folder: a start that every ZeRO stage loads alike."""
+    from cprec.export import export
+
+    return export(straight / "checkpoints" / ckpt.tag_for(4), work / "hf4")
+
+
+FROM_EXPORTED = ["model.config=null", "schedule.stable_steps=2", "schedule.anneal_steps=0"]
+
+
+@pytest.fixture(scope="module")
+def from_exported_zero3(work, exported):
+    torchrun(work, "from_hf_stage3", f"model.name={exported}", *FROM_EXPORTED, "zero_stage=3")
+    return metrics(work / "from_hf_stage3")
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_stages_1_and_2_take_zero3s_steps_from_the_same_weights(work, exported, from_exported_zero3, stage):
+    torchrun(work, f"from_hf_stage{stage}", f"model.name={exported}", *FROM_EXPORTED, f"zero_stage={stage}")
+    got, want = metrics(work / f"from_hf_stage{stage}"), from_exported_zero3
+    assert len(got) == len(want) == 4
+    for g, w in zip(got, want):
+        assert g["loss"] == pytest.approx(w["loss"], abs=1e-5)
+        assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-4)
+
+
+def test_chunked_loss_gives_the_same_losses_under_zero3_on_two_ranks(work, straight):
+    torchrun(work, "chunked", "loss_chunk_tokens=24")  # 64 tokens per micro-batch: chunks of 24, 24, 16
+    got, want = metrics(work / "chunked"), metrics(straight)
+    assert len(got) == TOTAL
+    for g, w in zip(got, want):
+        assert g["loss"] == pytest.approx(w["loss"], abs=1e-5)
+        assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-4)

@@ -41,6 +41,12 @@ class OptimConfig:
     torch_adam: bool = True  # torch's AdamW: no fused_adam build (2 min on CPU; needs nvcc on GPUs)
 
 
+ZERO_STAGES = (1, 2, 3)  # stage 0 has no ZeRO checkpoint files, which export and elastic resume read
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
 
 def init_distributed():
     import warnings
@@ -91,6 +97,13 @@ def build_ds_config(cfg: TrainConfig, world: int, cuda: bool) -> dict:
     if rem or world * cfg.micro_batch * accum != cfg.global_batch:
         raise CPRecError(f"global_batch={cfg.global_batch} must equal world size ({world}) x micro_batch "
                          f"({cfg.micro_batch}) x grad_accum ({accum}) = {world * cfg.micro_batch * accum}")
+    if cfg.zero_stage is not None:
+        # ZeRO-3 partitions the parameters too, which only pays where the model does not fit per GPU; stages 1
+        # and 2 keep every parameter resident and skip ZeRO-3's per-module hooks on every micro-batch
+        ds.setdefault("zero_optimization", {})["stage"] = cfg.zero_stage
+    if zero_stage(ds) not in ZERO_STAGES:
+        raise CPRecError(f"{path}: zero_optimization.stage is {zero_stage(ds)}; CPRec trains with ZeRO stage 1, 2 "
+                         f"or 3 (set zero_stage)")
     ds.update(train_batch_size=cfg.global_batch, train_micro_batch_size_per_gpu=cfg.micro_batch,
               gradient_accumulation_steps=accum, gradient_clipping=cfg.optim.grad_clip)
     if world == 1 and ds.get("zero_optimization", {}).get("stage") == 3:

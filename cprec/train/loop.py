@@ -34,7 +34,8 @@ from cprec.schedule import ScheduleConfig
 from cprec.tracking import WandbConfig, start_wandb
 from cprec.train import run as runs
 from cprec.train.checkpointing import CheckpointConfig, Checkpointer, load_engine
-from cprec.train.engine import ModelConfig, OptimConfig, build_ds_config, build_model, init_distributed
+from cprec.train.engine import (ZERO_STAGES, ModelConfig, OptimConfig, build_ds_config, build_model,
+                                init_distributed, zero_stage)
 from cprec.train.metrics import MetricsLog, finite, mfu
 from cprec.train.step import TrainStep
 
@@ -51,6 +52,9 @@ class TrainConfig:
     deepspeed: str = "auto"  # a DeepSpeed JSON; auto: zero3_bf16.json on GPUs, zero3_fp32_cpu.json on CPUs
     global_batch: int = 8  # rows of seq_len tokens per optimizer step, fixed for the run
     micro_batch: int = 1  # rows per forward pass and rank
+    zero_stage: int | None = None  # 1, 2 or 3 overrides the DeepSpeed config's stage (see cprec/train/engine.py)
+    loss_chunk_tokens: int = 0  # > 0: the loss computes logits this many tokens at a time (cprec/train/step.py)
+    compile: bool = False  # torch.compile the model through DeepSpeed (DeepCompile if the DeepSpeed JSON enables it)
     grad_accum: int | None = None  # default: global_batch / (world size * micro_batch)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     mixture: dict[str, float] = field(default_factory=dict)  # default: the streams of the task's kind by their rows
@@ -81,6 +85,11 @@ class TrainConfig:
         if self.schedule.total_steps < 1:
             raise CPRecError("the schedule has no steps (schedule.warmup_steps + stable_steps + anneal_steps = 0): "
                              "nothing would be trained")
+        if self.zero_stage is not None and self.zero_stage not in ZERO_STAGES:
+            raise CPRecError(f"zero_stage must be one of {', '.join(map(str, ZERO_STAGES))} (or unset: the DeepSpeed "
+                             f"config's stage), got {self.zero_stage!r}")
+        if self.loss_chunk_tokens < 0:
+            raise CPRecError(f"loss_chunk_tokens must be >= 0 (0: whole logits), got {self.loss_chunk_tokens}")
         if self.max_steps is not None and self.max_steps < 0:
             raise CPRecError(f"max_steps must be >= 0, got {self.max_steps}")
 
@@ -117,10 +126,13 @@ class Trainer:
         torch.distributed.barrier()
         # everything that can refuse a resume is checked before anything of the run is written
         resume_tag = runs.resume_tag(self.ckpt_root, self.rank, self.world) if resume else None
+        self.ds_config = build_ds_config(cfg, self.world, self.cuda)
         if resume_tag is not None:
             runs.check_same_config(self.run, self.ckpt_root / resume_tag, cfg, self.hash)
+            runs.check_same_zero_stage(self.ckpt_root / resume_tag, zero_stage(self.ds_config))
+        elif anneal_from is not None:
+            runs.check_same_zero_stage(Path(anneal_from), zero_stage(self.ds_config))
 
-        self.ds_config = build_ds_config(cfg, self.world, self.cuda)
         model, folder, self._hf_ds = build_model(cfg, self.ds_config, self.cuda, self.rank)
         runs.check_vocabulary(cfg.shards, model.config.vocab_size)
         self.n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
@@ -129,10 +141,12 @@ class Trainer:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                                  config=self.ds_config)
         self.device = self.engine.device
+        if cfg.compile:
+            self.engine.compile()
         first = self.plan.data_phase("warmup")
         self.stream = PackedStream(cfg.shards, self.plan.mixture(first), cfg.seed, cfg.global_batch, self.rank,
                                    self.world, phase=first)
-        self.train_step = TrainStep(self.engine, self.world, self.stream.stream_names)
+        self.train_step = TrainStep(self.engine, self.world, self.stream.stream_names, cfg.loss_chunk_tokens)
         self.checkpointer = Checkpointer(cfg.checkpoint, self.ckpt_root, self.schedule, self.rank, self.world)
         self.step = 0
         if resume_tag is not None:
@@ -215,6 +229,8 @@ class Trainer:
                   "grad_norm": finite(self.engine.get_global_grad_norm()), "seconds": seconds}
         if (value := mfu(self.n_params, record["tokens_per_s"], self.world)) is not None:
             record["mfu"] = value
+        if self.cuda:
+            record["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         return record
 
     def _agreed_stop(self) -> str | None:
@@ -225,5 +241,6 @@ class Trainer:
     def save(self) -> str:
         state = {"step": self.step, "phase": wsa.phase(max(self.step - 1, 0), self.schedule),
                  "stream": self.stream.state_dict(), "config_hash": self.hash, "lineage": self.lineage,
-                 "world_size": self.world, "schedule": dataclasses.asdict(self.schedule)}
+                 "world_size": self.world, "zero_stage": zero_stage(self.ds_config),
+                 "schedule": dataclasses.asdict(self.schedule)}
         return self.checkpointer.save(self.engine, self.step, state)

@@ -37,7 +37,9 @@ if TYPE_CHECKING:
     from cprec.train.loop import TrainConfig
 
 # keys whose change does not change what a resumed run computes
-NON_SEMANTIC = {"run_dir", "checkpoint", "loader_workers", "log_every", "tensorboard", "wandb", "plots", "max_steps"}
+# (the ZeRO stage and the loss's chunking change how a step is computed, not what, beyond fp32 rounding)
+NON_SEMANTIC = {"run_dir", "checkpoint", "loader_workers", "log_every", "tensorboard", "wandb", "plots", "max_steps",
+                "zero_stage", "loss_chunk_tokens", "compile"}
 NO_PARENT = {"parent": None}
 
 
@@ -138,6 +140,16 @@ def check_same_config(run: Path, checkpoint: Path, cfg: TrainConfig, hash_: str)
                               {k: v for k, v in to_dict(cfg).items() if k not in NON_SEMANTIC})
     raise CPRecError(f"refusing to resume {run}: the config changed ({'; '.join(diff) or 'hash'}); "
                      f"start a new run or an anneal branch instead")
+
+
+def check_same_zero_stage(checkpoint: Path, stage: int) -> None:
+    """DeepSpeed loads a checkpoint under the ZeRO stage that wrote it (ZeRO-3's files hold each rank's slice
+    of every parameter, stages 1-2's the whole module; its universal conversion does not bridge the two)."""
+    saved = ckpt.read_state(checkpoint).get("zero_stage", 3)  # checkpoints from before the key: ZeRO-3
+    if saved != stage:
+        raise CPRecError(f"{checkpoint} was written under ZeRO stage {saved} and this run uses stage {stage}; "
+                         f"DeepSpeed cannot load a checkpoint under another stage: set zero_stage={saved}, or "
+                         f"export the checkpoint and start a new run from it (model.name=EXPORTED_FOLDER)")
 
 
 def check_vocabulary(shards: str, model_vocab: int) -> None:

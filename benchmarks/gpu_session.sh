@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The GPU measurements of issues 14 (evaluation) and 15 (trainer throughput) in one call, as run on a lent
+# machine with one GPU and no network (see README, "GPU check"). What it needs beside the repository:
+#   .whl/  wheels of what the machine's image lacks (deepspeed built here with `pip wheel --no-deps`,
+#          transformers, tokenizers, pydantic and its parts, hjson, zstandard, typing_extensions), for Python 3.12
+#   .gpu/smollm2-config/  SmolLM2-135M's config.json and tokenizer files (no weights: the 1.7 GB package does
+#          not travel), for gpu_eval's random-weights stand-in
+# Results go to $OUT (gpu.txt, levers.log, gpu_check.json, eval.log, gpu_eval.json).
+set -u
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=/tmp/torch_extensions
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import sys, torch, deepspeed, transformers; print(sys.version.split()[0], torch.__version__,
+deepspeed.__version__, transformers.__version__)" 2>&1 | grep -v WARNING | tee -a "$OUT/gpu.txt"
+timeout "${LEVERS_S:-370}" python3 benchmarks/gpu_check.py --parts levers --steps 8 --micro-batch 16 --timeout 100 \
+  --out "$OUT" 2>&1 | grep -v "WARNING\|real_accelerator" | tee "$OUT/levers.log"
+timeout "${EVAL_S:-140}" python3 benchmarks/gpu_eval.py --model random:.gpu/smollm2-config --users 256 \
+  --batch-users 128 --exhaustive-users 128 --check-users 1 --out "$OUT/gpu_eval.json" 2>&1 \
+  | grep -v "WARNING\|real_accelerator" | tee "$OUT/eval.log"
