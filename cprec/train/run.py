@@ -37,7 +37,8 @@ if TYPE_CHECKING:
     from cprec.train.loop import TrainConfig
 
 # keys whose change does not change what a resumed run computes
-NON_SEMANTIC = {"run_dir", "checkpoint", "loader_workers", "log_every", "tensorboard", "wandb", "plots", "max_steps"}
+NON_SEMANTIC = {"run_dir", "checkpoint", "loader_workers", "log_every", "tensorboard", "wandb", "plots", "max_steps",
+                "eval"}
 NO_PARENT = {"parent": None}
 
 
