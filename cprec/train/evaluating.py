@@ -181,8 +181,14 @@ def plain_copy(module, device, dtype):
             copy = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     finally:
         hf_ds._hf_deepspeed_config_weak_ref = saved
+    if getattr(config, "tie_word_embeddings", False):
+        copy.tie_weights()  # skipped with the initialisation: an untied head would score with garbage
     copy = copy.to(device).eval().requires_grad_(False)
     targets = dict(copy.named_parameters())
+    names = [name for name, _ in module.named_parameters()]
+    if set(names) != set(targets):  # every weight of the copy must come from the trained module
+        raise CPRecError(f"eval: the evaluation copy's parameters differ from the trained model's "
+                         f"({sorted(set(names) ^ set(targets))[:3]})")
     for name, param in module.named_parameters():
         with deepspeed.zero.GatheredParameters([param]):  # collective; reads only (no modifier rank)
             targets[name].data.copy_(param.data)
