@@ -356,8 +356,9 @@ def domain_sets(scorer, prepared: Path, manifest: dict, domains: list[str], cfg:
 
 def rank_in_memory(model, tok, prepared: Path, cfg: EvalConfig, rank: int = 0, world: int = 1) -> list[dict]:
     """This rank's share of an evaluation of an in-memory `model`, nothing written: the `ranks.jsonl`
-    records of units rank::world. The units, candidates and scorer are `evaluate`'s, so the union over the
-    ranks equals `evaluate`'s records for the same weights and settings, whatever `world` is. `model` is
+    records of units rank::world, each with `index`, the user's place in the domain's sample (the order
+    `evaluate` computes its metrics in). The units, candidates and scorer are `evaluate`'s, so the union over
+    the ranks equals `evaluate`'s records for the same weights and settings, whatever `world` is. `model` is
     only run forward, under no_grad, in whatever mode the caller set."""
     from cprec.eval.batched import BatchScorer, PrefixTree
 
@@ -371,7 +372,7 @@ def rank_in_memory(model, tok, prepared: Path, cfg: EvalConfig, rank: int = 0, w
         if unit.protocol == "full" and unit.domain not in trees:
             trees[unit.domain] = PrefixTree(scorer.lines_ids(ds.titles))
         found = _rank_unit(scorer, unit, sets[unit.domain], trees.get(unit.domain), cfg)
-        records += [rank_files.record(unit.domain, unit.protocol, ds.test[i]["user"], r, n)
+        records += [{**rank_files.record(unit.domain, unit.protocol, ds.test[i]["user"], r, n), "index": i}
                     for i, (r, n) in zip(unit.users, found)]
     return records
 

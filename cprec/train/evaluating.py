@@ -148,9 +148,11 @@ class TrainingEval:
 
 
 def eval_record(records: list[dict], step: int, phase: str, cfg: EvalConfig, seconds: float) -> dict:
-    """metrics.jsonl's `eval` record: HR@10 and NDCG@10 over all users, and per domain."""
+    """metrics.jsonl's `eval` record: HR@10 and NDCG@10 over all users, and per domain (summed in
+    `cprec evaluate`'s order, so that the floats are its floats)."""
     from cprec.eval.metrics import ranking_metrics
 
+    records = sorted(records, key=lambda r: (r["domain"], r["index"]))
     per_domain = {}
     for domain in dict.fromkeys(r["domain"] for r in records):
         metrics = ranking_metrics([r["rank"] for r in records if r["domain"] == domain])
