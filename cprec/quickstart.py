@@ -5,8 +5,9 @@ continual pre-training of SmolLM2-135M (`launch/configs/quickstart.yaml`, which 
 validation users during training) -> export -> zero-shot evaluation of the base and the continually
 pre-trained model and SASRec on the held-out genres (and, with `--sft-steps`, the same short fine-tuning from
 both, each in a child process; with `--sweep`, `cprec sweep` of the run's two branch points) -> OUT/report.md
-with tables, plots and stage times. The folder is the quickstart's own (`.cprec-quickstart`): a re-run replaces its parts, and a folder
-it did not make is refused; the training config and overrides are checked before any work.
+with tables, plots and stage times. The folder is the quickstart's own (`.cprec-quickstart`): a re-run
+replaces its parts, and a folder it did not make is refused; the training config and overrides are checked
+before any work.
 """
 
 from __future__ import annotations

@@ -210,7 +210,8 @@ def claim(out: Path, settings: dict) -> None:
         if diff:
             raise CPRecError(f"{out} holds a sweep with other settings ({'; '.join(diff)}); choose another --out")
         return
-    if any(p.name != SETTINGS for p in out.iterdir()) and not any(out.glob("step*")):
+    # another array task may be writing the settings (SETTINGS.tmpPID) or a branch (step*) right now
+    if any(not p.name.startswith((SETTINGS, "step")) for p in out.iterdir()):
         raise CPRecError(f"--out {out} is a non-empty folder that holds no sweep ({SETTINGS} is missing); "
                          f"choose a new folder")
     ckpt.write_json_atomic(path, settings)
