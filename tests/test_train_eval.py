@@ -126,3 +126,25 @@ def test_bad_eval_settings_are_named(synthetic_shards, tiny_base, tmp_path):
     refused = run_cli("train", f"run_dir={tmp_path / 'r'}", f"shards={synthetic_shards}", f"model.name={tiny_base}",
                       "eval.every=1", "eval.domains=[Books]", check=False)
     assert refused.returncode == 2 and "'Books' is not a downstream domain" in refused.stderr
+
+
+def test_a_resumed_run_evaluates_the_step_a_stop_signal_saved_before_its_evaluation(synthetic_shards, tiny_base,
+                                                                                     tmp_path):
+    """A stop signal saves at once and skips the due evaluation (pre-emption leaves little time): the
+    resumed run evaluates that step first. Stand-in for the signal: a run stopped at step 3 whose eval record
+    is removed. The resumed run's records equal the uninterrupted run's."""
+    common = [f"shards={synthetic_shards}", f"model.name={tiny_base}", "micro_batch=8", *FAST,
+              "schedule.warmup_steps=2", "schedule.stable_steps=3", "schedule.anneal_steps=1", "plots=false",
+              "eval.users=10", "eval.every=3"]
+    run_cli("train", *common, f"run_dir={tmp_path / 'straight'}")
+    run_cli("train", *common, f"run_dir={tmp_path / 'cut'}", "max_steps=3")
+    path = tmp_path / "cut" / "metrics.jsonl"
+    path.write_text("".join(line + "\n" for line in path.read_text().splitlines() if '"kind": "eval"' not in line))
+    run_cli("train", "--resume", f"run_dir={tmp_path / 'cut'}")
+    steps, evals = records(tmp_path / "cut")
+    want_steps, want_evals = records(tmp_path / "straight")
+    assert [e["step"] for e in evals] == [3, 6]
+    drop = ("seconds", "tokens_per_s")  # this process's timings
+    assert [{k: v for k, v in e.items() if k not in drop} for e in evals] == \
+        [{k: v for k, v in e.items() if k not in drop} for e in want_evals]
+    assert [r["loss"] for r in steps] == [r["loss"] for r in want_steps]
