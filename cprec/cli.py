@@ -217,6 +217,22 @@ def cmd_baseline(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    """Anneal branches from a run's branch points, each exported and evaluated (`cprec.sweep`)."""
+    from cprec.eval.evaluate import EvalConfig
+    from cprec.sweep import spec_from_args, sweep
+
+    keys = {f.name for f in __import__("dataclasses").fields(EvalConfig)}  # --mixture's nargs took them
+    args.overrides += [w for w in args.mixture if w.partition("=")[0] in keys]
+    args.mixture = [w for w in args.mixture if w.partition("=")[0] not in keys]
+    summary = sweep(spec_from_args(args), args.branch)
+    if summary is not None:
+        out = Path(args.out) if args.out else Path(args.run) / "sweep"
+        print("\n" + (out / "sweep.md").read_text())
+        print(f"sweep in {out}: sweep.json, sweep.md, plots/sweep.png")
+    return 0
+
+
 def cmd_quickstart(args) -> int:
     """The README's main job (`cprec.quickstart`)."""
     from cprec.quickstart import run_quickstart
@@ -291,6 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_args(p, "SASRec (hidden, layers, epochs, ...) and evaluation (seed, negatives) settings")
     p.set_defaults(func=cmd_baseline)
 
+    p = sub.add_parser("sweep", help="anneal from each branch point of a run, evaluate each on the validation split")
+    from cprec.sweep import add_sweep_arguments
+
+    add_sweep_arguments(p)
+    p.set_defaults(func=cmd_sweep)
+
     p = sub.add_parser("quickstart", help="the whole pipeline on MovieLens-1M with the embedded defaults")
     p.add_argument("--out", default="runs/quickstart", help="output directory (default: runs/quickstart)")
     p.add_argument("--seq-len", dest="seq_len", type=int, default=512, help="tokens per packed row (default 512)")
@@ -300,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sft-steps", dest="sft_steps", type=int, default=0,
                    help="also fine-tune the base and the pre-trained model for this many steps of 4 examples "
                    "and evaluate both (default 0: skip; each step costs ~25 s per model on a 2-core CPU)")
+    p.add_argument("--sweep", action="store_true", help="also anneal from two branch points of the run and add "
+                   "the sweep's table to report.md (`cprec sweep`)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="training overrides on launch/configs/quickstart.yaml, e.g. schedule.stable_steps=4")
     p.set_defaults(func=cmd_quickstart)

@@ -1,11 +1,13 @@
 """`cprec quickstart`: the README's main job. Every stage on MovieLens-1M with the embedded defaults.
 
 prepare (documents budgeted in SmolLM2 tokens so that a window fills a packed row) -> pack -> a short WSA
-continual pre-training of SmolLM2-135M (`launch/configs/quickstart.yaml`) -> export -> zero-shot evaluation of
-the base and the continually pre-trained model and SASRec on the held-out genres (and, with `--sft-steps`, the
-same short fine-tuning from both, each in a child process) -> OUT/report.md with tables, plots and stage
-times. The folder is the quickstart's own (`.cprec-quickstart`): a re-run replaces its parts, and a folder
-it did not make is refused; the training config and overrides are checked before any work.
+continual pre-training of SmolLM2-135M (`launch/configs/quickstart.yaml`, which records HR@10/NDCG@10 on
+validation users during training) -> export -> zero-shot evaluation of the base and the continually
+pre-trained model and SASRec on the held-out genres (and, with `--sft-steps`, the same short fine-tuning from
+both, each in a child process; with `--sweep`, `cprec sweep` of the run's two branch points) -> OUT/report.md
+with tables, plots and stage times. The folder is the quickstart's own (`.cprec-quickstart`): a re-run
+replaces its parts, and a folder it did not make is refused; the training config and overrides are checked
+before any work.
 """
 
 from __future__ import annotations
@@ -72,8 +74,9 @@ def run_quickstart(args) -> int:
                                                     SASRecConfig(epochs=20)))}
     if args.sft_steps:
         runs.update(quickstart_sft(out, hf, eval_cfg, args, stage))
+    swept = stage("sweep", lambda: quickstart_sweep(out, cfg, args)) if getattr(args, "sweep", False) else None
     __import__("torch").distributed.destroy_process_group()
-    report = write_quickstart_report(out, runs, timings, prepared, index, cfg, last, args)
+    report = write_quickstart_report(out, runs, timings, prepared, index, cfg, last, args, swept)
     print("\n" + report.read_text())
     print(f"report: {report}; outputs in {out}: prepared/, shards/, run/ (metrics.jsonl, plots/, checkpoints/), "
           f"hf/ (AutoModelForCausalLM.from_pretrained loads it), eval/")
@@ -131,12 +134,27 @@ def quickstart_sft(out: Path, cpt_hf: Path, eval_cfg, args, stage) -> dict:
     return runs
 
 
+def quickstart_sweep(out: Path, cfg, args) -> dict:
+    """`cprec sweep` of the run: an anneal of the run's own length from each of its branch points (two with
+    the recipe's branch_every), each exported and evaluated on the validation users."""
+    import shutil
+
+    from cprec.eval.evaluate import EvalConfig
+    from cprec.sweep import SweepSpec, sweep
+
+    shutil.rmtree(out / "sweep", ignore_errors=True)  # the run it branched from was just replaced
+    spec = SweepSpec(run=out / "run", anneal_steps=cfg.schedule.anneal_steps, out=out / "sweep",
+                     eval_cfg=EvalConfig(protocol="full", users=args.eval_users, split="valid"),
+                     prepared=out / "prepared")
+    return sweep(spec)
+
+
 def sft_rows(index: dict) -> int:
     return sum(st["rows"] for st in index["streams"].values() if st["kind"] == "sft")
 
 
 def write_quickstart_report(out: Path, runs: dict, timings: dict, manifest: dict, index: dict, cfg, last: dict,
-                            args) -> Path:
+                            args, swept: dict | None = None) -> Path:
     from cprec.data.prepare import summary_rows
     from cprec.eval.evaluate import results_markdown
 
@@ -158,6 +176,9 @@ def write_quickstart_report(out: Path, runs: dict, timings: dict, manifest: dict
         f"(~{tokens:,} real tokens per step), peak lr {cfg.schedule.peak_lr}; final loss {last['loss']:.3f}. "
         "This is a demonstration budget for a 2-core CPU: a tiny fraction of one epoch.", "",
         "![learning rate](run/plots/lr.png)", "", "![loss per stream](run/plots/loss.png)", "",
+        *([f"During training, every {cfg.eval.every} steps: {cfg.eval.protocol} ranking of {cfg.eval.users} "
+           "validation users per held-out domain (the item before the test item; the test split is never read "
+           "during training).", "", "![validation metric](run/plots/eval.png)", ""] if cfg.eval.every else []),
         *(["## Fine-tuning", "", f"{args.sft_steps} steps of 4 examples from the downstream domains' fine-tuning "
            f"streams (loss on the target item only), once from the base model and once from the continually "
            f"pre-trained one: a demonstration budget, a few dozen of the {sft_rows(index):,} packed examples.", ""]
@@ -167,6 +188,10 @@ def write_quickstart_report(out: Path, runs: dict, timings: dict, manifest: dict
         f"marker), leave-one-out test item, a seeded sample of {args.eval_users} test users per domain "
         "(small samples: differences of a few hits are noise).", "",
         results_markdown(runs),
+        *(["## Where to anneal: the sweep", "", f"An anneal of {cfg.schedule.anneal_steps} steps from each "
+           f"branch point of the run (`cprec sweep`), each exported and ranked on {args.eval_users} validation "
+           "users per domain:", "", (out / "sweep" / "sweep.md").read_text(), "![sweep](sweep/plots/sweep.png)", ""]
+          if swept else []),
         "## Stage times (seconds)", "",
         format_table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in timings.items()]), ""]
     path = out / "report.md"

@@ -114,3 +114,65 @@ def slurm_cluster(tmp_path_factory):
     yield cluster
     strays = cluster.stop()
     assert not strays, f"slurmstepd processes outlived the cluster (killed): {strays}"
+
+
+# ---------------------------------------------------------------- in-training evaluation and anneal sweeps
+
+def run_cli(*args, env: dict | None = None, check: bool = True, timeout: int = 600):
+    """`cprec ARGS` in a fresh process (a trainer initialises a process group of its own)."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "cprec.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+    if check and proc.returncode:
+        raise AssertionError(f"cprec {' '.join(map(str, args))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def synthetic_shards(prepared_small, tiny_tokenizer, tmp_path_factory) -> Path:
+    """The small synthetic world packed into rows of 128 tiny-tokenizer tokens."""
+    from cprec.data.pack import PackConfig, pack
+
+    out = tmp_path_factory.mktemp("synthetic_shards") / "shards"
+    pack(prepared_small, str(tiny_tokenizer), out, PackConfig(seq_len=128))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tiny_tokenizer, tmp_path_factory) -> Path:
+    """A random tiny Llama with its tokenizer, as a Hugging Face folder. Attention dropout is on, so that
+    anything that moved the random state during training would change the losses."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=128, tie_word_embeddings=True,
+                                         attention_dropout=0.1))
+    out = tmp_path_factory.mktemp("tiny_base") / "model"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+SWEEP_ANNEAL = 3  # each branch's anneal steps
+
+
+@pytest.fixture(scope="session")
+def sweep_parent(synthetic_shards, tiny_base, tmp_path_factory) -> Path:
+    """A finished 12-step run (warmup 2, stable 8) keeping branch points 4 and 8, a checkpoint every step."""
+    run = tmp_path_factory.mktemp("sweep_parent") / "run"
+    run_cli("train", f"run_dir={run}", f"shards={synthetic_shards}", f"model.name={tiny_base}", "global_batch=8",
+            "micro_batch=8", "plots=false", "schedule.peak_lr=0.003", "schedule.min_lr=0.0003",
+            "schedule.warmup_steps=2", "schedule.stable_steps=8", "schedule.anneal_steps=2",
+            "checkpoint.every=1", "checkpoint.keep_last=2", "checkpoint.branch_every=4",
+            "eval.users=12", "eval.protocol=sampled")
+    return run
+
+
+SWEEP_ARGS = ("--anneal-steps", SWEEP_ANNEAL, "--users", 12, "--protocol", "sampled")

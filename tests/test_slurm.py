@@ -169,3 +169,25 @@ def test_anneal_array_task_picks_its_branch_point_and_resumes_after_a_requeue(tm
     assert again.stdout.splitlines()[-1] == "-- --resume run_dir=runs/x_anneal400 --mixture mixed=1"
     beyond = anneal_script(tmp_path, 2, run, "200,400", "50")
     assert beyond.returncode == 2 and "array task 2 has no branch point: 200,400 lists 2" in beyond.stderr
+
+
+@pytest.mark.slurm
+def test_a_sweep_fans_out_as_a_job_array_then_one_job_writes_the_table(slurm_cluster, sweep_parent, tmp_path):
+    """The README's recipe: `cprec sweep ... --branch $SLURM_ARRAY_TASK_ID` as an array, one task per branch
+    point, then a plain `cprec sweep` after it (afterok), which finds every branch finished and writes the table."""
+    from tests.conftest import SWEEP_ARGS
+
+    out = tmp_path / "sweep"
+    sweep = f"{sys.executable} -m cprec.cli sweep {sweep_parent} {' '.join(map(str, SWEEP_ARGS))} --out {out}"
+    env = {"PYTHONPATH": os.environ.get("PYTHONPATH", str(REPO))}
+    options = ("--nodes=1", f"--cpus-per-task={os.cpu_count()}", f"--chdir={tmp_path}")
+    array = slurm_cluster.sbatch(*options, "--array=0-1", "--wrap", f"{sweep} --branch $SLURM_ARRAY_TASK_ID",
+                                 cwd=REPO, env=env)
+    table = slurm_cluster.sbatch(*options, f"--dependency=afterok:{array}", "--wrap", sweep, cwd=REPO, env=env)
+    records = slurm_cluster.wait_finished(array, timeout=600) + slurm_cluster.wait_finished(table, timeout=300)
+    logs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("slurm-*.out")))
+    assert all((r["JobState"], r["ExitCode"]) == ("COMPLETED", "0:0") for r in records), logs[-3000:]
+    rows = json.loads((out / "sweep.json").read_text())["branches"]
+    assert [r["branch_step"] for r in rows] == [4, 8]
+    table_log = (tmp_path / f"slurm-{table}.out").read_text()
+    assert "== branch" not in table_log and "sweep in" in table_log  # the table job trained nothing

@@ -42,6 +42,7 @@ from cprec.eval import ranks as rank_files
 from cprec.eval.metrics import HR_KS, NDCG_KS, rank_against_ties, ranking_metrics
 
 PROTOCOLS = ("full", "sampled", "both")
+SPLITS = ("test", "valid")  # leave-one-out: test's target is the last item, valid's the one before it
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TOP_K = max(HR_KS + NDCG_KS)
 
@@ -62,10 +63,13 @@ class EvalConfig:
     node_cache_mb: int = 1024  # keys and values kept per batch of users during a search (each node fed once)
     device: str = "auto"  # auto: this rank's GPU when there is one, else cpu; or cpu, cuda, cuda:N
     dtype: str = "auto"  # auto: bfloat16 on a GPU, float32 on the CPU
+    split: str = "test"  # valid: the validation users (model selection: in-training metric, anneal sweep)
 
     def validate(self) -> None:
         if self.protocol not in PROTOCOLS:
             raise CPRecError(f"protocol must be one of {', '.join(PROTOCOLS)}, got '{self.protocol}'")
+        if self.split not in SPLITS:
+            raise CPRecError(f"split must be one of {', '.join(SPLITS)}, got '{self.split}'")
         if self.users is not None and self.users < 1:
             raise CPRecError(f"users must be at least 1 (or left out for every test user), got {self.users}")
         for name in ("negatives", "beam", "frontier", "batch_users", "row_nodes", "tokens_per_pass",
@@ -161,7 +165,7 @@ class Downstream:
         self.slug = manifest["domains"]["streams"][domain]
         self.titles = sorted({it["title"] for it in read_jsonl(prepared / "items.jsonl") if it["domain"] == domain})
         self.index = {t: i for i, t in enumerate(self.titles)}
-        test = read_jsonl(prepared / "downstream" / self.slug / "test.jsonl")
+        test = read_jsonl(prepared / "downstream" / self.slug / f"{cfg.split}.jsonl")
         if cfg.users is not None and cfg.users < len(test):
             keep = np.sort(np.random.default_rng([cfg.seed, stable_key(domain)]).choice(len(test), cfg.users, replace=False))
             test = [test[i] for i in keep]
@@ -274,6 +278,8 @@ def settings_record(model_spec: str, prepared: Path, domains: list[str], cfg: Ev
               "seed": cfg.seed, "top_k": TOP_K, "dtype": str(dtype).removeprefix("torch.")}
     record["candidates"] = str(candidates.resolve()) if candidates else None
     record["candidates_files"] = fingerprint(sorted(candidates.glob("*.jsonl"))) if candidates else None
+    if cfg.split != "test":  # recorded only off the default, so test-split records stay as they were
+        record["split"] = cfg.split
     return record
 
 
@@ -315,16 +321,7 @@ def evaluate(model_spec: str, prepared: str | Path, out: str | Path, cfg: EvalCo
         done = rank_files.read_done(out)
         cfg = sized_for(cfg, device)
         scorer = BatchScorer(model, tok, cfg.row_nodes, cfg.tokens_per_pass, cfg.node_cache_mb << 20)
-        cost = (lambda line: len(scorer.tok(line, add_special_tokens=False)["input_ids"])) \
-            if manifest["budget"]["unit"] == "tokens" else len
-        sets = {}
-        for domain in domains:
-            ds = Downstream(prepared, manifest, domain, cfg, cost)
-            cands = sampled_candidates(ds, cfg, out, reuse, write=ranks.rank == 0) \
-                if "sampled" in protocols(cfg) else None
-            sets[domain] = (ds, [ds.prompt(r) for r in ds.test], cands)
-        units = plan(domains, {d: len(s[0].test) for d, s in sets.items()},
-                     {d: [len(scorer.prompt_ids(p)) for p in s[1]] for d, s in sets.items()}, cfg)
+        sets, units = domain_sets(scorer, prepared, manifest, domains, cfg, out, reuse, write=ranks.rank == 0)
         started = time.perf_counter()
         seconds = _score_units(scorer, sets, units[ranks.rank::ranks.world], done, out, ranks.rank, cfg)
         timing = ranks.gather({"seconds": seconds, "stats": scorer.stats})
@@ -339,6 +336,45 @@ def evaluate(model_spec: str, prepared: str | Path, out: str | Path, cfg: EvalCo
         return results
     finally:
         ranks.close()
+
+
+def domain_sets(scorer, prepared: Path, manifest: dict, domains: list[str], cfg: EvalConfig, out: Path | None,
+                reuse: Path | None, write: bool) -> tuple[dict, list[Unit]]:
+    """({domain: (Downstream, prompts, candidates or None)}, every unit in order): what an evaluation scores.
+    `cfg` must be `sized_for` its device; candidates are written to `out` only when `write`."""
+    cost = (lambda line: len(scorer.tok(line, add_special_tokens=False)["input_ids"])) \
+        if manifest["budget"]["unit"] == "tokens" else len
+    sets = {}
+    for domain in domains:
+        ds = Downstream(prepared, manifest, domain, cfg, cost)
+        cands = sampled_candidates(ds, cfg, out, reuse, write=write) if "sampled" in protocols(cfg) else None
+        sets[domain] = (ds, [ds.prompt(r) for r in ds.test], cands)
+    units = plan(domains, {d: len(s[0].test) for d, s in sets.items()},
+                 {d: [len(scorer.prompt_ids(p)) for p in s[1]] for d, s in sets.items()}, cfg)
+    return sets, units
+
+
+def rank_in_memory(model, tok, prepared: Path, cfg: EvalConfig, rank: int = 0, world: int = 1) -> list[dict]:
+    """This rank's share of an evaluation of an in-memory `model`, nothing written: the `ranks.jsonl`
+    records of units rank::world, each with `index`, the user's place in the domain's sample (the order
+    `evaluate` computes its metrics in). The units, candidates and scorer are `evaluate`'s, so the union over
+    the ranks equals `evaluate`'s records for the same weights and settings, whatever `world` is. `model` is
+    only run forward, under no_grad, in whatever mode the caller set."""
+    from cprec.eval.batched import BatchScorer, PrefixTree
+
+    cfg.validate()
+    manifest, domains = downstream_domains(prepared, cfg)
+    scorer = BatchScorer(model, tok, cfg.row_nodes, cfg.tokens_per_pass, cfg.node_cache_mb << 20)
+    sets, units = domain_sets(scorer, prepared, manifest, domains, cfg, None, None, write=False)
+    records, trees = [], {}
+    for unit in units[rank::world]:
+        ds = sets[unit.domain][0]
+        if unit.protocol == "full" and unit.domain not in trees:
+            trees[unit.domain] = PrefixTree(scorer.lines_ids(ds.titles))
+        found = _rank_unit(scorer, unit, sets[unit.domain], trees.get(unit.domain), cfg)
+        records += [{**rank_files.record(unit.domain, unit.protocol, ds.test[i]["user"], r, n), "index": i}
+                    for i, (r, n) in zip(unit.users, found)]
+    return records
 
 
 def _claim(ranks: Ranks, out: Path, settings) -> None:

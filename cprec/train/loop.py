@@ -36,6 +36,7 @@ from cprec.train import run as runs
 from cprec.train.checkpointing import CheckpointConfig, Checkpointer, load_engine
 from cprec.train.engine import (ZERO_STAGES, ModelConfig, OptimConfig, build_ds_config, build_model,
                                 init_distributed, zero_stage)
+from cprec.train.evaluating import TrainEvalConfig, TrainingEval
 from cprec.train.metrics import MetricsLog, finite, mfu
 from cprec.train.step import TrainStep
 
@@ -62,6 +63,7 @@ class TrainConfig:
     seed: int = 0
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: TrainEvalConfig = field(default_factory=TrainEvalConfig)  # recommendation metric during training
     loader_workers: int = 0
     log_every: int = 1
     tensorboard: bool = False
@@ -92,6 +94,7 @@ class TrainConfig:
             raise CPRecError(f"loss_chunk_tokens must be >= 0 (0: whole logits), got {self.loss_chunk_tokens}")
         if self.max_steps is not None and self.max_steps < 0:
             raise CPRecError(f"max_steps must be >= 0, got {self.max_steps}")
+        self.eval.validate()
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:
@@ -135,6 +138,7 @@ class Trainer:
 
         model, folder, self._hf_ds = build_model(cfg, self.ds_config, self.cuda, self.rank)
         runs.check_vocabulary(cfg.shards, model.config.vocab_size)
+        self.evaluator = TrainingEval(cfg.eval, cfg.shards, folder, self.rank, self.world, self.schedule.total_steps)
         self.n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
         if self.rank == 0:
             runs.write_run_files(self.run, cfg, model.config, folder, self.lineage)
@@ -187,6 +191,8 @@ class Trainer:
                              self.cfg.plots, tracking)
         if self.cfg.max_steps == 0 and not ckpt.complete_tags(self.ckpt_root):
             self.save()  # materialise the starting point (e.g. a branch's loaded weights and moments)
+        if self.evaluator.missed(self.run, self.step):  # a stop signal saved this step before its evaluation
+            metrics.on_eval(self.evaluator.run(self.engine.module, self.step, wsa.phase(self.step - 1, self.schedule)))
         batches, last = None, {}
         while self.step < end:
             phase = wsa.phase(self.step, self.schedule)
@@ -198,6 +204,8 @@ class Trainer:
             last = self._one_step(phase, batches)
             metrics.on_step(last)
             stop = self._agreed_stop()
+            if not stop and self.evaluator.due(self.step):  # before the save: a kill in it redoes both
+                metrics.on_eval(self.evaluator.run(self.engine.module, self.step, phase))
             if stop or self.checkpointer.due(self.step, end):
                 tag = self.save()
                 if stop:

@@ -3,7 +3,9 @@
 rank 0 reports.
 
 A record holds step, phase, lr, loss, loss and tokens per stream, tokens/s, grad norm, seconds, and MFU on
-known GPUs (6 x parameters x tokens/s over the GPUs' dense bf16 peak; attention FLOPs left out).
+known GPUs (6 x parameters x tokens/s over the GPUs' dense bf16 peak; attention FLOPs left out). An `eval`
+record (`"kind": "eval"`, from `cprec.train.evaluating`) holds step, phase, split, protocol, users, HR@10,
+NDCG@10, the same per domain, and seconds; readers tell the two apart with `is_eval`.
 """
 
 from __future__ import annotations
@@ -73,6 +75,22 @@ class MetricsLog:
             for name, value in record["loss_per_stream"].items():
                 self.writer.add_scalar(f"loss/{name}", value, record["step"])
 
+    def on_eval(self, record: dict | None) -> None:
+        """An in-training evaluation's record (None on ranks other than 0)."""
+        if not self.active or record is None:
+            return
+        self.progress.write(f"step {record['step']}: {record['protocol']} HR@10 {record['HR@10']:.4f}, "
+                            f"NDCG@10 {record['NDCG@10']:.4f} on {record['users']} {record['split']} users "
+                            f"({record['seconds']:.1f} s)")
+        with writing(self.run), open(self.run / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        self.tracking.log({"step": record["step"], "eval": {k: record[k] for k in ("HR@10", "NDCG@10", "seconds")}})
+        if self.writer is not None:
+            for key in ("HR@10", "NDCG@10"):
+                self.writer.add_scalar(f"eval/{key}", record[key], record["step"])
+                for domain, values in record["domains"].items():
+                    self.writer.add_scalar(f"eval/{domain}/{key}", values[key], record["step"])
+
     def close(self, finished: bool) -> None:
         if not self.active:
             return
@@ -84,14 +102,26 @@ class MetricsLog:
             plot_run(self.run)
 
 
+def is_eval(record: dict) -> bool:
+    return record.get("kind") == "eval"
+
+
+def read_metrics(run: Path) -> tuple[list[dict], list[dict]]:
+    """(step records, eval records) of a run's metrics.jsonl."""
+    path = run / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    return [r for r in records if not is_eval(r)], [r for r in records if is_eval(r)]
+
+
 def plot_run(run: Path) -> None:
-    """PNG plots of the learning rate and of the loss per stream, from metrics.jsonl."""
+    """PNG plots of the learning rate and of the loss per stream, and of the in-training recommendation
+    metric when there is one, from metrics.jsonl."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records, evals = read_metrics(run)
     if not records:
         return
     (run / "plots").mkdir(exist_ok=True)
@@ -111,4 +141,26 @@ def plot_run(run: Path) -> None:
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(run / "plots" / "loss.png", dpi=110)
+    plt.close(fig)
+    if evals:
+        plot_eval(run / "plots" / "eval.png", records, evals)
+
+
+def plot_eval(path: Path, records: list[dict], evals: list[dict]) -> None:
+    """HR@10 and NDCG@10 against step, with the phase boundaries (where the step records' phase changes)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    steps = [r["step"] for r in evals]
+    for key in ("HR@10", "NDCG@10"):
+        ax.plot(steps, [r[key] for r in evals], marker="o", label=key)
+    for before, after in zip(records, records[1:]):
+        if before["phase"] != after["phase"]:
+            ax.axvline(before["step"], color="grey", linestyle="--", linewidth=0.8)
+            ax.text(before["step"], ax.get_ylim()[1], f" {after['phase']}", fontsize=7, va="top", color="grey")
+    ax.set(xlabel="step", ylabel="metric", title=f"{evals[-1]['protocol']} ranking, {evals[-1]['users']} "
+           f"{evals[-1]['split']} users")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)

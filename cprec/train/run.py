@@ -37,9 +37,10 @@ if TYPE_CHECKING:
     from cprec.train.loop import TrainConfig
 
 # keys whose change does not change what a resumed run computes
-# (the ZeRO stage and the loss's chunking change how a step is computed, not what, beyond fp32 rounding)
+# (the ZeRO stage and the loss's chunking change how a step is computed, not what, beyond fp32 rounding;
+# the evaluation during training reads the model and never changes it)
 NON_SEMANTIC = {"run_dir", "checkpoint", "loader_workers", "log_every", "tensorboard", "wandb", "plots", "max_steps",
-                "zero_stage", "loss_chunk_tokens", "compile"}
+                "zero_stage", "loss_chunk_tokens", "compile", "eval"}
 NO_PARENT = {"parent": None}
 
 
