@@ -92,15 +92,16 @@ def torchrun(*args, nproc: int = 2) -> None:
     assert proc.returncode == 0, f"{' '.join(cmd)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
 
 
-@pytest.mark.parametrize("ranks", [1, 2])
+@pytest.mark.parametrize("ranks,settings", [(1, []), (2, []), (2, ["zero_stage=2", "loss_chunk_tokens=16"])])
 def test_evaluation_never_changes_training_and_any_rank_count_equals_cprec_evaluate(
-        synthetic_shards, tiny_base, prepared_small, tmp_path, ranks):
+        synthetic_shards, tiny_base, prepared_small, tmp_path, ranks, settings):
     """Dropout is on in the model: had the evaluation moved a random state, the loader, the module's mode or
-    a ZeRO-3 partition, the losses would differ. Two ranks score their shares of the users on their own
+    a ZeRO-3 partition, the losses would differ (under ZeRO-2 with the chunked loss too, whose head the copy
+    must not inherit). Two ranks score their shares of the users on their own
     copies: the record equals one process's `cprec evaluate` of the same checkpoint."""
     common = [f"shards={synthetic_shards}", f"model.name={tiny_base}", "micro_batch=4", *FAST,
               "schedule.warmup_steps=2", "schedule.stable_steps=3", "schedule.anneal_steps=1", "plots=false",
-              "eval.users=10", "eval.protocol=sampled"]
+              "eval.users=10", "eval.protocol=sampled", *settings]
     train = (lambda *a: run_cli("train", *a)) if ranks == 1 else torchrun
     train(*common, f"run_dir={tmp_path / 'off'}")
     train(*common, f"run_dir={tmp_path / 'on'}", "eval.every=3", "checkpoint.every=3")
