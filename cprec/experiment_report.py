@@ -135,6 +135,9 @@ def markdown(exp, results: dict, plots: dict) -> str:
              + ("" if cfg.eval.users is None else f" (a seeded sample of {cfg.eval.users} per domain)")
              + f". Seeds: {seeds} for fine-tuning and SASRec; continual pre-training {cpt}. The backbone zero-shot "
              "is deterministic (one run).", "",
+             *([f"**Size `{results['size']}`**: the config's reduced `sizes.{results['size']}` overlay. Read its "
+                "numbers as a check that the pipeline runs end to end, not as a result about the method.", ""]
+               if results["size"] else []),
              "## Results", "",
              "Mean over seeds, with the two-sided 95% Student-t interval over seeds in brackets (none for a single "
              "run).", "", *results_table(results, TESTED_METRICS), "",
@@ -170,11 +173,13 @@ def draw_plots(exp, results: dict) -> dict:
         for k, (model, label) in enumerate(MODELS.items()):
             cells = [results["metrics"][model][d][metric] for d in results["domains"]]
             means = [c["mean"] for c in cells]
-            err = [[c["mean"] - c["low"] if c["low"] is not None else 0 for c in cells],
-                   [c["high"] - c["mean"] if c["high"] is not None else 0 for c in cells]]
+            # a metric lies in [0, 1]: the drawn interval is clipped there (results.json keeps it whole)
+            err = [[c["mean"] - max(0.0, c["low"]) if c["low"] is not None else 0 for c in cells],
+                   [min(1.0, c["high"]) - c["mean"] if c["high"] is not None else 0 for c in cells]]
             ax.bar(x + (k - (len(MODELS) - 1) / 2) * width, means, width, yerr=err, capsize=3, label=label)
         ax.set_xticks(x, results["domains"])
-        ax.set_title(f"{metric} ({results['split']}, full ranking)")
+        ax.set_title(f"{metric} ({results['split']}, full ranking; 95% seed intervals, clipped to [0, 1])",
+                     fontsize=9)
         ax.set_ylim(bottom=0)
     axes[0].legend(fontsize=7)
     fig.tight_layout()

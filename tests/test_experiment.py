@@ -155,6 +155,6 @@ def test_the_shipped_experiment_config_and_its_sizes_load():
     path = REPO / "launch" / "configs" / "experiment_ml1m.yaml"
     for size in (None, "smoke"):
         cfg = load_experiment_config(path, size)
-        assert cfg.eval.users == (10 if size else None) and cfg.data.window_tokens == cfg.seq_len - 1
+        assert cfg.eval.users == (5 if size else None) and cfg.data.window_tokens == cfg.seq_len - 1
         load_config(TrainConfig, REPO / cfg.cpt.config, ["shards=unused", *cfg.cpt.overrides])
         load_config(TrainConfig, REPO / cfg.sft.config, ["shards=unused", *cfg.sft.overrides])
