@@ -240,6 +240,16 @@ def cmd_quickstart(args) -> int:
     return run_quickstart(args)
 
 
+def cmd_experiment(args) -> int:
+    """The paper's comparison with its uncertainty (`cprec.experiment`)."""
+    from cprec.experiment import run_experiment
+
+    report = run_experiment(args.config, args.out, args.size, args.overrides)
+    print("\n" + report.read_text())
+    print(f"report: {report}; results.json and plots/ beside it")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from cprec.train.launch import add_train_arguments
 
@@ -312,6 +322,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_sweep_arguments(p)
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("experiment", help="base, CPT, SFT, CPT+SFT and SASRec over seeds, with intervals and "
+                       "paired bootstraps; resumable")
+    p.add_argument("--config", required=True, help="e.g. launch/configs/experiment_ml1m.yaml")
+    p.add_argument("--out", required=True, help="experiment folder (a re-run resumes it)")
+    p.add_argument("--size", help="a named size of the config (its sizes.<name> overlay), e.g. smoke")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. seeds=[0,1] eval.users=100")
+    p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("quickstart", help="the whole pipeline on MovieLens-1M with the embedded defaults")
     p.add_argument("--out", default="runs/quickstart", help="output directory (default: runs/quickstart)")

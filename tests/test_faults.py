@@ -798,6 +798,10 @@ def test_every_command_line_in_the_readme_parses_and_loads_its_config(monkeypatc
                 cli.baseline_configs(args)
             elif command == "quickstart":
                 quickstart.quickstart_config(args)
+            elif command == "experiment":
+                from cprec.experiment import load_experiment_config
+
+                load_experiment_config(args.config, args.size, args.overrides)
         except Exception as exc:
             raise AssertionError(f"README: {program} {' '.join(argv)}\n  -> {exc}") from exc
     assert seen >= {"prepare", "pack", "inspect", "train", "sft", "export", "evaluate", "baseline", "quickstart"}

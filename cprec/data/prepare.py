@@ -13,6 +13,18 @@ Output directory (written under `<out>.partial` and renamed when complete):
     downstream/<slug>/test.jsonl      {user, history, target}: target = last item
     downstream/<slug>/sft.jsonl       fine-tuning examples rendered from the training prefix
 
+Two splits of the held-out domains (`split`, recorded in the manifest under `split`; numbers from the two are
+not comparable, and evaluation refuses to mix them):
+
+* `leave-one-out` (default; RecFormer, the paper): per user, the last item is the test target, the second to
+  last the validation target, the rest the training prefix.
+* `chronological` (the BIGRec / D3 / MiniOneRec line): each held-out domain's interactions are cut 8:1:1 by
+  time, at the timestamps below which 80% and 90% of them fall (`split_ratios`). A user's training prefix is
+  what they did before the first cut; their validation target is their first item between the cuts and their
+  test target their first item after the second cut, each with everything they did before it as history. A
+  user with nothing after the second cut (or nothing before it) is not a test user. One target per user
+  keeps the users independent for the paired bootstrap; the BIGRec line scores every later item instead.
+
 The layout, the manifest reader and the stream names belong to `cprec.data.prepared`. `prompt_chars` is the
 design notes' `prompt_len` counted in characters of `text`; pack turns it into tokens.
 """
@@ -39,6 +51,7 @@ from cprec.data.rejects import RejectLog
 from cprec.data.synthetic import SyntheticConfig, SyntheticWorld
 from cprec.errors import CPRecError
 
+SPLITS_KINDS = ("leave-one-out", "chronological")
 SOURCES = ("movielens-1m", "amazon2018", "amazon2023", "csv", "parquet", "synthetic")
 # The seven largest first-genres of MovieLens-1M pre-train; three others are the unseen downstream domains.
 MOVIELENS_PRETRAIN = ["Comedy", "Action", "Drama", "Horror", "Adventure", "Crime", "Animation"]
@@ -69,6 +82,8 @@ class PrepareConfig:
     min_downstream_items: int = 3  # a downstream user needs train prefix + valid + test
     sft_examples_per_user: int = 10  # fine-tuning targets per user, newest of the training prefix
     max_reject_fraction: float = 0.01
+    split: str = "leave-one-out"  # or chronological: the held-out domains cut 8:1:1 by time (module docstring)
+    split_ratios: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # chronological: train, valid, test
 
     def validate(self) -> None:
         if self.source not in SOURCES:
@@ -80,6 +95,11 @@ class PrepareConfig:
                              f"of max_title_chars={self.max_title_chars} (at least {64 + self.max_title_chars})")
         if self.tokenizer is not None and self.window_tokens < 32:
             raise CPRecError(f"window_tokens must be at least 32, got {self.window_tokens}")
+        if self.split not in SPLITS_KINDS:
+            raise CPRecError(f"split must be one of {', '.join(SPLITS_KINDS)}, got '{self.split}'")
+        if len(self.split_ratios) != 3 or min(self.split_ratios) <= 0 or abs(sum(self.split_ratios) - 1) > 1e-6:
+            raise CPRecError(f"split_ratios must be three positive shares summing to 1 (train, valid, test), got "
+                             f"{self.split_ratios}")
         if not 0.0 <= self.max_reject_fraction <= 1.0:
             raise CPRecError(f"max_reject_fraction must be in [0, 1], got {self.max_reject_fraction}")
         overlap = set(self.pretrain_domains or []) & set(self.downstream_domains or [])
@@ -232,7 +252,7 @@ def _clean(data: _Log, k: int, removed: collections.Counter):
     domains = item_domain[items]
     core = cleaning.k_core(users.astype(np.int64) * (len(data.domain_ids) + 1) + domains, items, k)
     removed[f"outside the {k}-core of their domain"] = int((~core).sum())
-    return users[core], items[core], domains[core]
+    return users[core], items[core], domains[core], stamps[order][first][core]
 
 
 def _percentiles(values: list[int]) -> dict:
@@ -248,7 +268,26 @@ def _jsonl(fh, record: dict) -> None:
     fh.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def _write_outputs(tmp: Path, data: _Log, users, items, domains, pretrain, downstream, cfg, budget) -> dict:
+def split_record(cfg: PrepareConfig, data: _Log, domains, stamps, downstream) -> dict:
+    """The manifest's `split`: its kind and, for the chronological one, each held-out domain's two cut times
+    (interactions before the first train, from the second on test) and how many interactions fall in each."""
+    if cfg.split == "leave-one-out":
+        return {"kind": "leave-one-out"}
+    record = {"kind": "chronological", "ratios": list(cfg.split_ratios), "cuts": {}, "interactions": {}}
+    for domain in downstream:
+        times = np.sort(stamps[domains == data.domain_ids[domain]])
+        n = len(times)
+        cut1 = float(times[min(n - 1, int(cfg.split_ratios[0] * n))])
+        cut2 = float(times[min(n - 1, int((cfg.split_ratios[0] + cfg.split_ratios[1]) * n))])
+        record["cuts"][domain] = [cut1, cut2]
+        record["interactions"][domain] = {"train": int(np.sum(times < cut1)),
+                                          "valid": int(np.sum((times >= cut1) & (times < cut2))),
+                                          "test": int(np.sum(times >= cut2))}
+    return record
+
+
+def _write_outputs(tmp: Path, data: _Log, users, items, domains, stamps, pretrain, downstream, cfg, budget,
+                   split: dict) -> dict:
     """Render documents and splits user by user; return per-stream and per-domain statistics."""
     domain_names = {i: d for d, i in data.domain_ids.items()}
     titles = [t for _d, t in data.item_ids]
@@ -278,10 +317,13 @@ def _write_outputs(tmp: Path, data: _Log, users, items, domains, pretrain, downs
     for start, end in tqdm(zip(starts, ends), total=len(starts), desc="render", unit=" users", mininterval=1.0):
         user = user_names[users[start]]
         u_items, u_domains = items[start:end].tolist(), domains[start:end].tolist()
+        u_stamps = stamps[start:end].tolist()
         per_domain = collections.defaultdict(list)
+        per_domain_stamps = collections.defaultdict(list)
         mixed_titles, mixed_domains = [], []
-        for iid, did in zip(u_items, u_domains):
+        for iid, did, stamp in zip(u_items, u_domains, u_stamps):
             per_domain[did].append(titles[iid])
+            per_domain_stamps[did].append(stamp)
             if did in pre_ids:
                 mixed_titles.append(titles[iid])
                 mixed_domains.append(domain_names[did])
@@ -291,7 +333,9 @@ def _write_outputs(tmp: Path, data: _Log, users, items, domains, pretrain, downs
                 _emit(doc_files[streams[domain]], streams[domain], user, domain, seq, None, cfg, budget,
                       seq_lens, doc_counts)
             elif did in down_ids:
-                _emit_split(split_files[domain], "sft-" + streams[domain], user, domain, seq, cfg, budget,
+                parts = _split_user(seq, per_domain_stamps[did], split["cuts"][domain]) \
+                    if split["kind"] == "chronological" else _leave_one_out(seq, cfg)
+                _emit_split(split_files[domain], "sft-" + streams[domain], user, domain, parts, cfg, budget,
                             split_counts[domain])
         if len(set(mixed_domains)) > 1:  # a one-domain history adds nothing beyond its domain stream
             _emit(doc_files[MIXED_STREAM], MIXED_STREAM, user, template.MIXED_SCOPE, mixed_titles,
@@ -314,15 +358,36 @@ def _emit(fh, stream, user, scope, titles, tags, cfg, budget, seq_lens, doc_coun
         doc_counts[stream] += 1
 
 
-def _emit_split(files, stream, user, domain, seq, cfg, budget, counts) -> None:
+def _leave_one_out(seq: list[str], cfg: PrepareConfig) -> tuple | None:
+    """(train prefix, valid (history, target) or None, test (history, target) or None), or None: too short."""
     if len(seq) < cfg.min_downstream_items:
+        return None
+    return seq[:-2], (seq[:-2], seq[-2]), (seq[:-1], seq[-1])
+
+
+def _split_user(seq: list[str], times: list[float], cuts: list[float]) -> tuple:
+    """The chronological split of one user's items in a held-out domain (module docstring)."""
+    first_valid = next((i for i, t in enumerate(times) if t >= cuts[0]), len(seq))
+    first_test = next((i for i, t in enumerate(times) if t >= cuts[1]), len(seq))
+    valid = (seq[:first_valid], seq[first_valid]) if 0 < first_valid < first_test else None
+    test = (seq[:first_test], seq[first_test]) if 0 < first_test < len(seq) else None
+    return seq[:first_valid], valid, test
+
+
+def _emit_split(files, stream, user, domain, parts, cfg, budget, counts) -> None:
+    if parts is None:
         counts["users with too few items"] += 1
         return
-    train = seq[:-2]
-    _jsonl(files["train"], {"user": user, "items": train})
-    _jsonl(files["valid"], {"user": user, "history": train, "target": seq[-2]})
-    _jsonl(files["test"], {"user": user, "history": seq[:-1], "target": seq[-1]})
-    counts["users"] += 1
+    train, valid, test = parts
+    if train:
+        _jsonl(files["train"], {"user": user, "items": train})
+    if valid:
+        _jsonl(files["valid"], {"user": user, "history": valid[0], "target": valid[1]})
+    if test is None:
+        counts["users without a test item"] += 1
+    else:
+        _jsonl(files["test"], {"user": user, "history": test[0], "target": test[1]})
+        counts["users"] += 1
     for t in range(max(1, len(train) - cfg.sft_examples_per_user), len(train)):
         text, prompt_chars = template.render_example(domain, train[:t], train[t], budget.size, budget.cost)
         _jsonl(files["sft"], {"stream": stream, "user": user, "text": text, "prompt_chars": prompt_chars})
@@ -363,7 +428,7 @@ def prepare(cfg: PrepareConfig, out: str | Path, overwrite: bool = False) -> dic
         wanted = set(pretrain) | set(downstream)
         _drop_unused_domains(data, wanted, filtered)
 
-    users, items, domains = _clean(data, cfg.k_core, filtered)
+    users, items, domains, stamps = _clean(data, cfg.k_core, filtered)
     if len(users) == 0:
         raise CPRecError(f"no interactions are left after cleaning (k_core={cfg.k_core}, {dict(filtered)}); "
                          f"lower k_core or give more data")
@@ -378,12 +443,13 @@ def prepare(cfg: PrepareConfig, out: str | Path, overwrite: bool = False) -> dic
         raise CPRecError(f"domain '{empty[0]}' has no interactions left after the {cfg.k_core}-core; lower "
                          f"k_core or drop the domain from the configuration")
 
-    stats = _write_outputs(tmp, data, users, items, domains, pretrain, downstream, cfg, budget)
+    split = split_record(cfg, data, domains, stamps, downstream)
+    stats = _write_outputs(tmp, data, users, items, domains, stamps, pretrain, downstream, cfg, budget, split)
     _write_items(tmp / "items.jsonl", data, items)
     manifest = {
         "stage": "prepare", "cprec_version": __version__, "template_version": template.TEMPLATE_VERSION,
         "source": {"name": cfg.source, "files": source.files(), "timestamp_units": units.units()},
-        "config": to_dict(cfg), "budget": budget.describe(),
+        "config": to_dict(cfg), "budget": budget.describe(), "split": split,
         "domains": {"pretrain": pretrain, "downstream": downstream,
                     "streams": {d: stream_name(d) for d in pretrain + downstream}, "mixed_stream": MIXED_STREAM},
         "counts": {"users": int(len(np.unique(users))), "items": int(len(np.unique(items))),

@@ -8,7 +8,8 @@ The one owner of its layout, its manifest and its stream names.
 
 A domain's stream name (its slug) is file-system safe: "Children's" -> `children-s`; the manifest records
 the mapping under `domains.streams`. A held-out domain's fine-tuning examples pack into the stream
-`sft-<slug>`. The manifest's `budget` says how long a document may be: in characters, or in tokens of one
+`sft-<slug>`. The manifest's `split` says how the held-out domains were split (`split_kind`: leave-one-out or
+chronological, see `cprec.data.prepare`). The manifest's `budget` says how long a document may be: in characters, or in tokens of one
 tokenizer, which a packed row (document plus EOS) must hold.
 """
 
@@ -44,6 +45,26 @@ def read_manifest(prepared: str | Path) -> dict:
     if manifest.get("stage") != "prepare":
         raise CPRecError(f"{path}: not a prepare manifest (stage={manifest.get('stage')!r})")
     return manifest
+
+
+LEAVE_ONE_OUT = "leave-one-out"
+
+
+def split_kind(manifest: dict) -> str:
+    """How the held-out domains were split: `leave-one-out` or `chronological` (`manifest["split"]`; a
+    manifest written before the chronological split existed is leave-one-out)."""
+    return (manifest.get("split") or {}).get("kind", LEAVE_ONE_OUT)
+
+
+def check_same_split(splits: dict[str, str]) -> str:
+    """The one split kind of several results ({what: split kind}); an error naming both kinds otherwise:
+    leave-one-out and chronological numbers measure different things and must never be compared or merged."""
+    kinds = sorted(set(splits.values()))
+    if len(kinds) > 1:
+        named = "; ".join(f"{what}: {kind}" for what, kind in splits.items())
+        raise CPRecError(f"results of different splits cannot be compared or mixed ({named}): evaluate every "
+                         f"model on one prepared directory")
+    return kinds[0]
 
 
 def is_prepared(path: Path) -> bool:

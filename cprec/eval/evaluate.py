@@ -35,7 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cprec.data import template
-from cprec.data.prepared import read_manifest
+from cprec.data.prepared import read_manifest, split_kind
 from cprec.data.stream import stable_key
 from cprec.errors import CPRecError
 from cprec.eval import ranks as rank_files
@@ -274,6 +274,7 @@ def settings_record(model_spec: str, prepared: Path, domains: list[str], cfg: Ev
     folder = model_folder(model_spec)
     record = {"model": str(model_spec), "model_files": fingerprint([p for p in folder.iterdir() if p.is_file()]),
               "data": str(prepared.resolve()), "data_manifest": fingerprint([prepared / "manifest.json"]),
+              "split": split_kind(read_manifest(prepared)),  # named when a resume would mix splits
               "protocol": cfg.protocol, "domains": domains, "users": cfg.users, "negatives": cfg.negatives,
               "seed": cfg.seed, "top_k": TOP_K, "dtype": str(dtype).removeprefix("torch.")}
     record["candidates"] = str(candidates.resolve()) if candidates else None
@@ -451,7 +452,8 @@ def _finish(out: Path, model_spec: str, prepared: Path, cfg: EvalConfig, sets: d
     """Rank 0, once every rank is done: ranks.jsonl in its fixed order, results.json and results.md."""
     done = rank_files.read_done(out)
     records, missing = [], []
-    results = {"model": str(model_spec), "prepared": str(prepared), "protocol": cfg.protocol, "settings": settings,
+    results = {"model": str(model_spec), "prepared": str(prepared), "protocol": cfg.protocol,
+               "split": settings["split"], "settings": settings,
                "domains": {}}
     for domain, (ds, _, _) in sets.items():
         entry: dict = {"users": len(ds.test), "items": len(ds.titles)}
@@ -511,8 +513,9 @@ def results_markdown(runs: dict[str, dict]) -> str:
             if not rows:
                 continue
             users = first["domains"][domain]["users"]
+            split = f", {first['split']} split" if first.get("split") else ""
             keys = [f"HR@{k}" for k in HR_KS] + [f"NDCG@{k}" for k in NDCG_KS]
-            lines += [f"### {domain} — {label}, {users} test users", "",
+            lines += [f"### {domain} — {label}, {users} test users{split}", "",
                       "| model | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
             lines += [f"| {name} | " + " | ".join(f"{m[k]:.4f}" for k in keys) + " |" for name, m in rows]
             lines.append("")

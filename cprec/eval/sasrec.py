@@ -118,7 +118,10 @@ def evaluate_sasrec(prepared: str | Path, out: str | Path, eval_cfg, cfg: SASRec
     manifest, domains = downstream_domains(prepared, eval_cfg)
     device, dtype = resolve_device(eval_cfg.device, eval_cfg.dtype)
     out.mkdir(parents=True, exist_ok=True)
+    from cprec.data.prepared import split_kind
+
     results = {"model": "SASRec", "prepared": str(prepared), "protocol": eval_cfg.protocol,
+               "split": split_kind(manifest),
                "config": {**eval_cfg.__dict__, "sasrec": cfg.__dict__}, "domains": {}}
     records = []
     for domain in domains:

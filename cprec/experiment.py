@@ -1,0 +1,357 @@
+"""`cprec experiment`: the paper's comparison on one prepared dataset, with its uncertainty, resumable.
+
+One command runs, on the same test users (all of each held-out domain by default) and the same candidates:
+
+    base     the backbone zero-shot                       once (deterministic)
+    cpt      continual pre-training, zero-shot            once, or once per seed (`cpt.per_seed`)
+    sft      fine-tuning only (from the backbone)         once per seed
+    cpt_sft  continual pre-training, then fine-tuning     once per seed (from the seed's or the one CPT model)
+    sasrec   SASRec on the downstream training prefixes   once per seed
+
+then the statistics (`cprec.eval.stats`) and a report: OUT/report.md, OUT/results.json, OUT/plots/ (HR@10 and
+NDCG@10 per model and domain with their 95% seed intervals; the pre-training loss curve).
+
+Stages and resuming. Every stage (prepare, pack, the backbone, each training run, each evaluation of one
+model, seed and domain, the report) writes its outputs, then its marker `OUT/stages/<stage>.json`, last. A
+re-run skips every stage with a marker and redoes a stage without one from where its own files allow
+(training resumes from its latest complete checkpoint, an evaluation from its per-user ranks). The resolved
+config is recorded in `OUT/experiment.json`; a re-run with a config that changes a result is refused, naming
+the keys (speed settings may change), so results of two configs, or two splits, are never mixed. OUT must be
+new, empty, or an earlier experiment's folder.
+
+Training runs in child processes (`cprec train`, `cprec sft`): DeepSpeed keeps an engine's memory referenced
+for the life of its process. Evaluation and SASRec run in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cprec.config import ConfigError, deep_merge, from_dict, parse_overrides, to_dict
+from cprec.data.prepare import PrepareConfig
+from cprec.errors import CPRecError
+from cprec.eval.evaluate import EvalConfig
+from cprec.eval.sasrec import SASRecConfig
+
+MODELS = {  # name -> label in the report; the order of the tables
+    "base": "backbone, zero-shot",
+    "cpt": "continual pre-training (CPT), zero-shot",
+    "sft": "fine-tuning only (SFT)",
+    "cpt_sft": "CPT, then SFT",
+    "sasrec": "SASRec",
+}
+COMPARISONS = [("cpt_sft", "sft"), ("cpt_sft", "sasrec"), ("cpt", "base")]  # (A, B): A - B is tested
+TESTED_METRICS = ["HR@10", "NDCG@10"]
+MARKER = "experiment.json"
+SPEED_KEYS = {"pack_workers", "sizes", "eval.batch_users", "eval.row_nodes", "eval.tokens_per_pass",
+              "eval.node_cache_mb", "eval.device", "eval.dtype", "eval.beam", "eval.frontier"}
+
+
+@dataclass
+class CPTStage:
+    config: str = "launch/configs/ml1m_smollm2_gpu.yaml"  # a training recipe (shipped or a path)
+    overrides: list[str] = field(default_factory=list)  # key=value on the recipe (run_dir, shards, model.name, seed are set)
+    per_seed: bool = False  # one continual pre-training per seed (else one, with the first seed)
+
+
+@dataclass
+class SFTStage:
+    config: str = "launch/configs/sft.yaml"
+    epochs: float | None = 1.0  # passes over the held-out domains' fine-tuning streams (null: the config's steps)
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    data: PrepareConfig = field(default_factory=PrepareConfig)
+    seq_len: int = 1024  # packed row length; data.window_tokens must be seq_len - 1 when budgeted in tokens
+    pack_workers: int = 1
+    model: str = "smollm2"  # the backbone: smollm2 or a Hugging Face folder
+    model_config: dict[str, Any] | None = None  # instead: a random Llama of this config (tests), saved as OUT/base
+    cpt: CPTStage = field(default_factory=CPTStage)
+    sft: SFTStage = field(default_factory=SFTStage)
+    sasrec: SASRecConfig = field(default_factory=SASRecConfig)
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(protocol="full"))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    bootstrap: int = 10_000  # paired bootstrap resamples
+    sizes: dict[str, dict[str, Any]] = field(default_factory=dict)  # named overlays chosen by --size
+
+    def validate(self) -> None:
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise CPRecError(f"seeds must be a non-empty list of distinct integers, got {self.seeds}")
+        if self.model_config is not None and not self.data.tokenizer:
+            raise CPRecError("model_config (a random backbone) needs data.tokenizer: the tokenizer it is built for")
+        if self.data.tokenizer and self.data.window_tokens > self.seq_len - 1:
+            raise CPRecError(f"data.window_tokens={self.data.window_tokens} does not fit rows of seq_len="
+                             f"{self.seq_len} (at most seq_len - 1 = {self.seq_len - 1})")
+
+
+def load_experiment_config(path: str | Path, size: str | None = None, overrides: list[str] = ()) -> ExperimentConfig:
+    """The YAML file, then its `sizes.<size>` overlay, then `key=value` overrides; typed (errors name the key)."""
+    from cprec.config import _config_file
+
+    path = _config_file(Path(path))
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    if size is not None:
+        sizes = data.get("sizes") or {}
+        if size not in sizes:
+            raise CPRecError(f"--size {size}: {path} has no sizes.{size} (sizes: {', '.join(sizes) or 'none'})")
+        data = deep_merge(data, sizes[size])
+    data = deep_merge(data, parse_overrides(list(overrides)))
+    return from_dict(ExperimentConfig, data, f"{path}" + (f" (size {size})" if size else ""))
+
+
+# ---------------------------------------------------------------- the folder and its stage markers
+
+class Stages:
+    """OUT/stages/<name>.json markers: a stage counts as done only when its marker exists (written last)."""
+
+    def __init__(self, out: Path):
+        self.root = out / "stages"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.ran: list[str] = []  # stages this process ran (not skipped)
+
+    def path(self, name: str) -> Path:
+        return self.root / f"{name.replace('/', '__')}.json"
+
+    def done(self, name: str) -> bool:
+        return self.path(name).is_file()
+
+    def mark(self, name: str, seconds: float, **info) -> None:
+        path = self.path(name)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"stage": name, "seconds": round(seconds, 2), "finished": time.time(), **info},
+                                  indent=2) + "\n")
+        os.replace(tmp, path)
+
+    def run(self, name: str, fn):
+        """Run `fn` unless `name` is done; its marker is written after it returns."""
+        if self.done(name):
+            print(f"== {name}: done earlier, skipped", flush=True)
+            return
+        print(f"\n== {name}", flush=True)
+        started = time.perf_counter()
+        info = fn() or {}
+        self.ran.append(name)
+        self.mark(name, time.perf_counter() - started, **info)
+
+    def seconds(self) -> dict[str, float]:
+        """Stage -> seconds, in the order the stages finished."""
+        recs = sorted((json.loads(p.read_text()) for p in self.root.glob("*.json")), key=lambda r: r["finished"])
+        return {r["stage"]: r["seconds"] for r in recs}
+
+
+def _semantic(cfg: ExperimentConfig) -> dict:
+    """The resolved config less the keys that change only speed."""
+    data = to_dict(cfg)
+    for key in SPEED_KEYS:
+        node, *rest = key.split(".")
+        if rest:
+            data.get(node, {}).pop(rest[0], None)
+        else:
+            data.pop(node, None)
+    return data
+
+
+def claim_folder(out: Path, cfg: ExperimentConfig) -> None:
+    """Start or resume OUT: record the config, or refuse one that would change results (naming the keys)."""
+    from cprec.train.run import config_differences
+
+    if out.exists() and not out.is_dir():
+        raise CPRecError(f"--out {out} is a file; choose a new folder")
+    marker = out / MARKER
+    if marker.is_file():
+        before = json.loads(marker.read_text())["config"]
+        changed = config_differences(before, _semantic(cfg))
+        if changed:
+            raise CPRecError(f"{out} holds an experiment with another config ({'; '.join(changed)}); resuming would "
+                             f"mix their results: choose another --out, or delete {out} to start over")
+        return
+    if out.is_dir() and any(out.iterdir()):
+        raise CPRecError(f"--out {out} is a non-empty folder that no experiment made ({MARKER} is missing); "
+                         f"choose a new one")
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"config": _semantic(cfg)}, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------- the stages
+
+class Experiment:
+    """The stages of one experiment in OUT, in the order they run (see the module docstring)."""
+
+    def __init__(self, cfg: ExperimentConfig, out: str | Path, size: str | None = None):
+        self.cfg, self.out, self.size = cfg, Path(out), size
+        self.prepared, self.shards = self.out / "prepared", self.out / "shards"
+        self.stages: Stages | None = None
+
+    # paths
+    def base_model(self) -> str:
+        return str(self.out / "base") if self.cfg.model_config is not None else self.cfg.model
+
+    def cpt_seeds(self) -> list[int]:
+        return list(self.cfg.seeds) if self.cfg.cpt.per_seed else [self.cfg.seeds[0]]
+
+    def cpt_dir(self, seed: int) -> Path:
+        return self.out / "cpt" / f"s{seed}"
+
+    def cpt_for(self, seed: int) -> Path:
+        """The CPT model that seed `seed`'s CPT+SFT starts from."""
+        return self.cpt_dir(seed if self.cfg.cpt.per_seed else self.cfg.seeds[0]) / "hf"
+
+    def runs(self) -> dict[str, list[tuple[int | None, str | None]]]:
+        """Model -> its (seed, model folder) runs; SASRec has no folder, the base model no seed."""
+        cfg = self.cfg
+        return {"base": [(None, self.base_model())],
+                "cpt": [(s, str(self.cpt_dir(s) / "hf")) for s in self.cpt_seeds()],
+                "sft": [(s, str(self.out / "sft" / f"s{s}" / "hf")) for s in cfg.seeds],
+                "cpt_sft": [(s, str(self.out / "cpt_sft" / f"s{s}" / "hf")) for s in cfg.seeds],
+                "sasrec": [(s, None) for s in cfg.seeds]}
+
+    def eval_dir(self, model: str, seed: int | None, domain_slug: str) -> Path:
+        return self.out / "eval" / model / ("once" if seed is None else f"s{seed}") / domain_slug
+
+    # the whole run
+    def run(self) -> Path:
+        claim_folder(self.out, self.cfg)
+        self.stages = st = Stages(self.out)
+        st.run("prepare", self.prepare)
+        st.run("pack", self.pack)
+        if self.cfg.model_config is not None:
+            st.run("base", self.build_base)
+        domains = self.domains()
+        if self._candidates_dir() is not None:
+            st.run("candidates", lambda: self.candidates(domains))
+        self.evaluate_model("base", domains)
+        for seed in self.cpt_seeds():
+            st.run(f"train/cpt/s{seed}", lambda s=seed: self.train_cpt(s))
+        self.evaluate_model("cpt", domains)
+        for seed in self.cfg.seeds:
+            for domain, slug in domains:
+                st.run(f"eval/sasrec/s{seed}/{slug}", lambda s=seed, d=domain, g=slug: self.sasrec(s, d, g))
+        for model, start in (("sft", lambda s: self.base_model()), ("cpt_sft", lambda s: str(self.cpt_for(s)))):
+            for seed in self.cfg.seeds:
+                st.run(f"train/{model}/s{seed}", lambda m=model, s=seed, f=start: self.train_sft(m, s, f(s)))
+            self.evaluate_model(model, domains)
+        from cprec.experiment_report import write_report
+
+        report = write_report(self)  # always rewritten: cheap, and it reads only finished stages' files
+        st.mark("report", 0.0)
+        return report
+
+    def domains(self) -> list[tuple[str, str]]:
+        """(domain, slug) of the evaluated held-out domains."""
+        from cprec.data.prepared import Prepared
+        from cprec.eval.evaluate import downstream_domains
+
+        manifest, names = downstream_domains(self.prepared, self.cfg.eval)
+        return [(d, Prepared(self.prepared).slug(d)) for d in names]
+
+    def prepare(self) -> dict:
+        from cprec.data.prepare import prepare
+
+        manifest = prepare(self.cfg.data, self.prepared, overwrite=True)  # a half-written one is replaced
+        return {"split": manifest["split"]["kind"]}
+
+    def pack(self) -> dict:
+        from cprec.data.pack import PackConfig, pack
+
+        tokenizer = self.cfg.data.tokenizer or "smollm2"
+        index = pack(self.prepared, tokenizer, self.shards, PackConfig(seq_len=self.cfg.seq_len,
+                                                                       workers=self.cfg.pack_workers))
+        return {"rows": {n: s["rows"] for n, s in index["streams"].items()}}
+
+    def build_base(self) -> dict:
+        """A random Llama of `model_config` with the data's tokenizer (seeded: the same on every run)."""
+        import torch
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        from cprec.backbone import resolve_tokenizer
+
+        tok = AutoTokenizer.from_pretrained(resolve_tokenizer(self.cfg.data.tokenizer))
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**{"vocab_size": len(tok), **self.cfg.model_config}))
+        model.save_pretrained(self.out / "base")
+        tok.save_pretrained(self.out / "base")
+
+    def candidates(self, domains) -> None:
+        """The sampled protocol's candidates, drawn once and scored by every model."""
+        from cprec.data.prepared import read_manifest
+        from cprec.eval.evaluate import Downstream, sampled_candidates
+
+        manifest = read_manifest(self.prepared)
+        for domain, _ in domains:
+            ds = Downstream(self.prepared, manifest, domain, self.cfg.eval, len)
+            sampled_candidates(ds, self.cfg.eval, self.out, None)  # -> OUT/candidates/<slug>.jsonl
+
+    def _candidates_dir(self) -> Path | None:
+        return self.out / "candidates" if self.cfg.eval.protocol in ("sampled", "both") else None
+
+    def evaluate_model(self, model: str, domains) -> None:
+        from cprec.eval.evaluate import evaluate
+
+        for seed, folder in self.runs()[model]:
+            for domain, slug in domains:
+                out = self.eval_dir(model, seed, slug)
+                cfg = replace(self.cfg.eval, domains=[domain])
+                self.stages.run(f"eval/{model}/{'once' if seed is None else f's{seed}'}/{slug}",
+                                lambda f=folder, o=out, c=cfg: _quiet(evaluate(f, self.prepared, o, c,
+                                                                               self._candidates_dir())))
+
+    def sasrec(self, seed: int, domain: str, slug: str) -> None:
+        from cprec.eval.sasrec import evaluate_sasrec
+
+        evaluate_sasrec(self.prepared, self.eval_dir("sasrec", seed, slug), replace(self.cfg.eval, domains=[domain]),
+                        replace(self.cfg.sasrec, seed=seed), self._candidates_dir())
+
+    def train_cpt(self, seed: int) -> dict:
+        """`cprec train --resume` (a fresh run when there is no checkpoint yet), then the export to hf/."""
+        from cprec import checkpoint as ckpt
+        from cprec.export import export
+
+        run = self.cpt_dir(seed) / "run"
+        _child(["train", "--config", self.cfg.cpt.config, "--resume", f"run_dir={run}", f"shards={self.shards}",
+                f"model.name={self.base_model()}", f"seed={seed}", *self.cfg.cpt.overrides])
+        tag = ckpt.latest_complete(run / "checkpoints")
+        export(run / "checkpoints" / tag, self.cpt_dir(seed) / "hf", overwrite=True)
+        return {"checkpoint": tag}
+
+    def train_sft(self, model: str, seed: int, start: str) -> None:
+        """`cprec sft --resume` from `start` (it exports the final checkpoint to hf/)."""
+        _child(["sft", "--model", start, "--shards", str(self.shards), "--out", str(self.out / model / f"s{seed}"),
+                *(["--epochs", str(self.cfg.sft.epochs)] if self.cfg.sft.epochs is not None else []),
+                "--config", self.cfg.sft.config, "--resume", f"seed={seed}", *self.cfg.sft.overrides])
+
+
+def _quiet(_result) -> None:
+    """A stage's marker records no more than it needs: the results are in the stage's own folder."""
+    return None
+
+
+def _child(args: list[str]) -> None:
+    """A `cprec` command in a child process; its output goes to ours. It takes a free port on its own."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    code = subprocess.run([sys.executable, "-m", "cprec.cli", *args], env=env).returncode
+    if code:
+        raise CPRecError(f"`cprec {' '.join(args)}` failed (exit {code}); fix the cause and run the same "
+                         f"experiment command again: finished stages are kept")
+
+
+def run_experiment(config: str | Path, out: str | Path, size: str | None = None, overrides: list[str] = ()) -> Path:
+    """Run (or resume) the experiment; the path of its report."""
+    cfg = load_experiment_config(config, size, overrides)
+    return Experiment(cfg, out, size).run()

@@ -1,0 +1,205 @@
+"""The report of `cprec experiment`: OUT/results.json, OUT/report.md and OUT/plots/, from the finished stages.
+
+It reads each evaluation's per-user ranks (`ranks.jsonl`, full ranking) and its `results.json`, refuses
+results of different splits (`cprec.data.prepared.check_same_split`), and computes with `cprec.eval.stats`:
+per model, domain and metric the mean and 95% interval over seeds; per comparison (CPT+SFT vs SFT only, CPT+SFT
+vs SASRec, CPT zero-shot vs the backbone zero-shot), domain and metric (HR@10, NDCG@10) the paired bootstrap
+over users of the seed-averaged per-user metric. The report says in words which differences are significant.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cprec.data.prepared import check_same_split, read_manifest, split_kind
+from cprec.errors import CPRecError
+from cprec.eval import stats
+from cprec.experiment import COMPARISONS, MODELS, TESTED_METRICS
+
+PROTOCOL = "full"  # the primary protocol: the statistics are computed on it
+
+
+def read_full_ranks(folder: Path) -> dict[str, int | None]:
+    """user -> the target's rank under full ranking, in test order, from an evaluation folder's ranks.jsonl."""
+    path = folder / "ranks.jsonl"
+    if not path.is_file():
+        raise CPRecError(f"{path}: missing; the evaluation did not finish (run the experiment again)")
+    out = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line)
+        if rec["protocol"] == PROTOCOL:
+            out[str(rec["user"])] = rec["rank"]
+    return out
+
+
+def collect(exp) -> tuple[dict, dict, str]:
+    """ranks[model][domain] = [per seed: {user: rank}], seeds[model] = [seed...], and the one split kind."""
+    ranks: dict = {}
+    seeds: dict = {}
+    splits = {"prepared": split_kind(read_manifest(exp.prepared))}
+    for model, runs in exp.runs().items():
+        seeds[model] = [s for s, _ in runs]
+        for domain, slug in exp.domains():
+            for seed, _ in runs:
+                folder = exp.eval_dir(model, seed, slug)
+                result = json.loads((folder / "results.json").read_text())
+                splits[str(folder.relative_to(exp.out))] = result.get("split", "leave-one-out")
+                ranks.setdefault(model, {}).setdefault(domain, []).append(read_full_ranks(folder))
+    return ranks, seeds, check_same_split(splits)
+
+
+def compute(exp) -> dict:
+    """Everything results.json holds (see the module docstring)."""
+    ranks, seeds, split = collect(exp)
+    domains = [d for d, _ in exp.domains()]
+    users = {d: list(ranks["base"][d][0]) for d in domains}  # the test order
+    table: dict = {}
+    for model, per_domain in ranks.items():
+        for domain, runs in per_domain.items():
+            for run in runs:
+                if set(run) != set(users[domain]):
+                    raise CPRecError(f"{model} was scored on other users of {domain} than the backbone: the "
+                                     f"comparison needs the same users")
+            entry = table.setdefault(model, {}).setdefault(domain, {})
+            for metric in stats.metric_names():
+                values = [float(stats.per_user([run[u] for u in users[domain]], metric).mean()) for run in runs]
+                entry[metric] = {"values": values, **stats.seed_interval(values)}
+    tests = []
+    for a, b in COMPARISONS:
+        for domain in domains:
+            for metric in TESTED_METRICS:
+                per = [stats.seed_averaged_per_user([[run[u] for u in users[domain]] for run in ranks[m][domain]],
+                                                    metric) for m in (a, b)]
+                test = stats.paired_bootstrap(per[0], per[1], exp.cfg.bootstrap, seed=0)
+                tests.append({"a": a, "b": b, "domain": domain, "metric": metric, **test,
+                              "significant": stats.significant(test)})
+    return {"name": exp.cfg.name, "size": exp.size, "split": split, "protocol": PROTOCOL, "domains": domains,
+            "users": {d: len(users[d]) for d in domains}, "seeds": seeds, "metrics": table, "comparisons": tests,
+            "alpha": stats.ALPHA, "bootstrap_resamples": exp.cfg.bootstrap, "stage_seconds": exp.stages.seconds()}
+
+
+def write_report(exp) -> Path:
+    """OUT/results.json, OUT/plots/*.png and OUT/report.md; returns the report's path."""
+    results = compute(exp)
+    (exp.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    plots = draw_plots(exp, results)
+    path = exp.out / "report.md"
+    path.write_text(markdown(exp, results, plots))
+    return path
+
+
+def _cell(m: dict) -> str:
+    if m["n"] == 1:
+        return f"{m['mean']:.4f}"
+    return f"{m['mean']:.4f} [{m['low']:.4f}, {m['high']:.4f}]"
+
+
+def results_table(results: dict, metrics: list[str]) -> list[str]:
+    """One markdown table: a row per domain and model, a column per metric (mean [95% interval over seeds])."""
+    lines = ["| domain | model | seeds | " + " | ".join(metrics) + " |", "|---|---|---|" + "---|" * len(metrics)]
+    for domain in results["domains"]:
+        for model, label in MODELS.items():
+            entry = results["metrics"][model][domain]
+            n = entry[metrics[0]]["n"]
+            lines.append(f"| {domain} | {label} | {n} | " + " | ".join(_cell(entry[m]) for m in metrics) + " |")
+    return lines
+
+
+def comparison_table(results: dict) -> list[str]:
+    lines = ["| domain | comparison | metric | difference | 95% CI | p | significant |", "|---|---|---|---|---|---|---|"]
+    for t in results["comparisons"]:
+        lines.append(f"| {t['domain']} | {MODELS[t['a']]} − {MODELS[t['b']]} | {t['metric']} | {t['diff']:+.4f} | "
+                     f"[{t['low']:+.4f}, {t['high']:+.4f}] | {t['p']:.4f} | {'yes' if t['significant'] else 'no'} |")
+    return lines
+
+
+def in_words(results: dict) -> list[str]:
+    lines = [f"* {t['domain']}: " + stats.describe(t, MODELS[t['a']], MODELS[t['b']], t["metric"], results["alpha"])
+             for t in results["comparisons"]]
+    found = [t for t in results["comparisons"] if t["significant"]]
+    lines.append(f"\n{len(found)} of {len(results['comparisons'])} tests are significant at the {results['alpha']:g} "
+                 f"level (uncorrected for the {len(results['comparisons'])} tests; under no true difference about "
+                 f"{results['alpha'] * len(results['comparisons']):.1f} would be by chance).")
+    return lines
+
+
+def markdown(exp, results: dict, plots: dict) -> str:
+    cfg = exp.cfg
+    seeds = ", ".join(map(str, cfg.seeds))
+    cpt = "once per seed" if cfg.cpt.per_seed else f"once (seed {cfg.seeds[0]})"
+    lines = [f"# CPRec experiment: {results['name']}" + (f" (size: {results['size']})" if results["size"] else ""), "",
+             f"**Split: {results['split']}** (numbers from leave-one-out and chronological splits are not comparable). "
+             f"Protocol: full ranking over each held-out domain's catalogue (exact top-20). Test users: "
+             + ", ".join(f"{d} {n}" for d, n in results["users"].items())
+             + ("" if cfg.eval.users is None else f" (a seeded sample of {cfg.eval.users} per domain)")
+             + f". Seeds: {seeds} for fine-tuning and SASRec; continual pre-training {cpt}. The backbone zero-shot "
+             "is deterministic (one run).", "",
+             *([f"**Size `{results['size']}`**: the config's reduced `sizes.{results['size']}` overlay. Read its "
+                "numbers as a check that the pipeline runs end to end, not as a result about the method.", ""]
+               if results["size"] else []),
+             "## Results", "",
+             "Mean over seeds, with the two-sided 95% Student-t interval over seeds in brackets (none for a single "
+             "run).", "", *results_table(results, TESTED_METRICS), "",
+             *results_table(results, ["HR@20", "NDCG@20"]), "",
+             f"![HR@10 and NDCG@10]({plots['metrics']})", "",
+             "## Which differences are significant", "",
+             f"Paired bootstrap over test users ({results['bootstrap_resamples']:,} resamples) of each user's metric "
+             "averaged over the model's seeds; two-sided p-value, 95% interval of the difference (first model minus "
+             "second). See `cprec/eval/stats.py` for exactly what is computed.", "",
+             *comparison_table(results), "", *in_words(results), "",
+             "## Continual pre-training", ""]
+    if plots.get("loss"):
+        lines += [f"![pre-training loss]({plots['loss']})", ""]
+    lines += [f"Stage times (seconds): " + ", ".join(f"{k} {v:.0f}" for k, v in results["stage_seconds"].items()), ""]
+    return "\n".join(lines)
+
+
+def draw_plots(exp, results: dict) -> dict:
+    """plots/metrics.png (HR@10 and NDCG@10 per model and domain, 95% seed intervals as error bars) and
+    plots/cpt_loss.png (the pre-training loss per step of each CPT run); paths relative to OUT."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    folder = exp.out / "plots"
+    folder.mkdir(exist_ok=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    width = 0.8 / len(MODELS)
+    for ax, metric in zip(axes, ["HR@10", "NDCG@10"]):
+        x = np.arange(len(results["domains"]))
+        for k, (model, label) in enumerate(MODELS.items()):
+            cells = [results["metrics"][model][d][metric] for d in results["domains"]]
+            means = [c["mean"] for c in cells]
+            # a metric lies in [0, 1]: the drawn interval is clipped there (results.json keeps it whole)
+            err = [[c["mean"] - max(0.0, c["low"]) if c["low"] is not None else 0 for c in cells],
+                   [min(1.0, c["high"]) - c["mean"] if c["high"] is not None else 0 for c in cells]]
+            ax.bar(x + (k - (len(MODELS) - 1) / 2) * width, means, width, yerr=err, capsize=3, label=label)
+        ax.set_xticks(x, results["domains"])
+        ax.set_title(f"{metric} ({results['split']}, full ranking; 95% seed intervals, clipped to [0, 1])",
+                     fontsize=9)
+        ax.set_ylim(bottom=0)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(folder / "metrics.png", dpi=120)
+    plt.close(fig)
+    out = {"metrics": "plots/metrics.png"}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    drawn = False
+    for seed in exp.cpt_seeds():
+        path = exp.cpt_dir(seed) / "run" / "metrics.jsonl"
+        if path.is_file():
+            rows = [json.loads(line) for line in path.read_text().splitlines()]
+            ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=f"CPT seed {seed}")
+            drawn = True
+    if drawn:
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss (token mean)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(folder / "cpt_loss.png", dpi=120)
+        out["loss"] = "plots/cpt_loss.png"
+    plt.close(fig)
+    return out
