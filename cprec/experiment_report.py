@@ -151,7 +151,7 @@ def markdown(exp, results: dict, plots: dict) -> str:
              "## Continual pre-training", ""]
     if plots.get("loss"):
         lines += [f"![pre-training loss]({plots['loss']})", ""]
-    lines += [f"Stage times (seconds): " + ", ".join(f"{k} {v:.0f}" for k, v in results["stage_seconds"].items()), ""]
+    lines += ["Stage times (seconds): " + ", ".join(f"{k} {v:.0f}" for k, v in results["stage_seconds"].items()), ""]
     return "\n".join(lines)
 
 
