@@ -15,6 +15,7 @@ from pathlib import Path
 from cprec.data.prepared import check_same_split, read_manifest, split_kind
 from cprec.errors import CPRecError
 from cprec.eval import stats
+from cprec.train.metrics import read_metrics
 from cprec.experiment import COMPARISONS, MODELS, TESTED_METRICS
 
 PROTOCOL = "full"  # the primary protocol: the statistics are computed on it
@@ -189,9 +190,8 @@ def draw_plots(exp, results: dict) -> dict:
     fig, ax = plt.subplots(figsize=(6, 4))
     drawn = False
     for seed in exp.cpt_seeds():
-        path = exp.cpt_dir(seed) / "run" / "metrics.jsonl"
-        if path.is_file():
-            rows = [json.loads(line) for line in path.read_text().splitlines()]
+        rows, _ = read_metrics(exp.cpt_dir(seed) / "run")  # step records (not the metric during training)
+        if rows:
             ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=f"CPT seed {seed}")
             drawn = True
     if drawn:
