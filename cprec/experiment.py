@@ -53,7 +53,7 @@ COMPARISONS = [("cpt_sft", "sft"), ("cpt_sft", "sasrec"), ("cpt", "base")]  # (A
 TESTED_METRICS = ["HR@10", "NDCG@10"]
 MARKER = "experiment.json"
 SPEED_KEYS = {"pack_workers", "sizes", "eval.batch_users", "eval.row_nodes", "eval.tokens_per_pass",
-              "eval.node_cache_mb", "eval.device", "eval.dtype", "eval.beam", "eval.frontier"}
+              "eval.node_cache_mb", "eval.beam", "eval.frontier"}  # not eval.device / dtype: bf16 reorders ranks
 
 
 @dataclass
@@ -94,6 +94,13 @@ class ExperimentConfig:
         if self.data.tokenizer and self.data.window_tokens > self.seq_len - 1:
             raise CPRecError(f"data.window_tokens={self.data.window_tokens} does not fit rows of seq_len="
                              f"{self.seq_len} (at most seq_len - 1 = {self.seq_len - 1})")
+        # the report compares per-user full-ranking ranks of test users
+        if self.eval.protocol not in ("full", "both"):
+            raise CPRecError(f"eval.protocol must be full or both (the report's statistics are on full-ranking "
+                             f"ranks), got '{self.eval.protocol}'")
+        if self.eval.split != "test":
+            raise CPRecError(f"eval.split must be test (the experiment reports test users; validation users are "
+                             f"for model selection: cprec sweep), got '{self.eval.split}'")
 
 
 def load_experiment_config(path: str | Path, size: str | None = None, overrides: list[str] = ()) -> ExperimentConfig:

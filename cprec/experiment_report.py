@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cprec.data.prepared import check_same_split, read_manifest, split_kind
+from cprec.data.prepared import LEAVE_ONE_OUT, check_same_split, read_manifest, split_kind
 from cprec.errors import CPRecError
 from cprec.eval import stats
 from cprec.train.metrics import read_metrics
@@ -45,7 +45,7 @@ def collect(exp) -> tuple[dict, dict, str]:
             for seed, _ in runs:
                 folder = exp.eval_dir(model, seed, slug)
                 result = json.loads((folder / "results.json").read_text())
-                splits[str(folder.relative_to(exp.out))] = result.get("split", "leave-one-out")
+                splits[str(folder.relative_to(exp.out))] = result.get("split_kind", LEAVE_ONE_OUT)
                 ranks.setdefault(model, {}).setdefault(domain, []).append(read_full_ranks(folder))
     return ranks, seeds, check_same_split(splits)
 

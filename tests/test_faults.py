@@ -804,7 +804,8 @@ def test_every_command_line_in_the_readme_parses_and_loads_its_config(monkeypatc
                 load_experiment_config(args.config, args.size, args.overrides)
         except Exception as exc:
             raise AssertionError(f"README: {program} {' '.join(argv)}\n  -> {exc}") from exc
-    assert seen >= {"prepare", "pack", "inspect", "train", "sft", "export", "evaluate", "baseline", "quickstart"}
+    assert seen >= {"prepare", "pack", "inspect", "train", "sft", "export", "evaluate", "baseline", "quickstart",
+                    "sweep", "experiment"}
 
 
 def test_prepare_overwrite_replaces_only_an_earlier_prepare_output(tmp_path):

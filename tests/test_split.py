@@ -76,7 +76,9 @@ def test_results_of_two_splits_are_never_compared():
 def test_an_evaluation_resumed_on_the_other_split_is_refused(tmp_path):
     from cprec.eval import ranks
 
-    before = {"model": "m", "split": "leave-one-out", "users": None}
+    before = {"model": "m", "users": None}  # leave-one-out test users: neither key recorded (as evaluate does)
     ranks.claim(tmp_path / "eval", before)
-    with pytest.raises(CPRecError, match="split: 'leave-one-out' -> 'chronological'.*would mix their results"):
-        ranks.claim(tmp_path / "eval", {**before, "split": "chronological"})
+    with pytest.raises(CPRecError, match="split_kind: None -> 'chronological'.*would mix their results"):
+        ranks.claim(tmp_path / "eval", {**before, "split_kind": "chronological"})
+    with pytest.raises(CPRecError, match="split: None -> 'valid'.*would mix their results"):
+        ranks.claim(tmp_path / "eval", {**before, "split": "valid"})

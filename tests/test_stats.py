@@ -30,7 +30,9 @@ def test_seed_interval_is_the_student_t_interval():
     out = stats.seed_interval([0.3, 0.5])  # s = 0.1414, t(0.975, 1) = 12.7062
     assert out["high"] - out["mean"] == pytest.approx(12.7062 * math.sqrt(0.02) / math.sqrt(2))
     assert stats.seed_interval([0.42]) == {"mean": 0.42, "low": None, "high": None, "n": 1}
-    assert stats.t975(60) == pytest.approx(1.96, abs=1e-3)
+    assert stats.t975(31) == pytest.approx(2.0395, abs=2e-4)  # tables: t(0.975, 31) = 2.0395
+    assert stats.t975(60) == pytest.approx(2.0003, abs=2e-4)
+    assert stats.t975(1000) == pytest.approx(1.9623, abs=2e-4)
 
 
 def test_bootstrap_of_a_constant_difference_is_that_difference_with_the_smallest_p():

@@ -247,7 +247,7 @@ def test_config_and_batch_errors_name_what_is_wrong(work):
 
 # ---------------------------------------------------------------- ZeRO stage and the chunked loss
 
-def test_zero_stage_and_loss_chunk_settings_are_checked():
+def test_zero_stage_and_loss_chunk_settings_are_checked(tmp_path):
     for bad in (0, 4):
         with pytest.raises(CPRecError, match=f"zero_stage must be one of 1, 2, 3 .* got {bad}"):
             from_dict(TrainConfig, {"shards": "x", "zero_stage": bad}).validate()
@@ -259,13 +259,10 @@ def test_zero_stage_and_loss_chunk_settings_are_checked():
     assert "reduce_scatter" not in ds["zero_optimization"]  # the world-size-1 ZeRO-3 settings are not added
     assert build_ds_config(from_dict(TrainConfig, {"shards": "x", "global_batch": 2}), 1,
                            cuda=False)["zero_optimization"]["reduce_scatter"] is False
-    stage0 = Path(__file__).parent / "stage0.json"
-    try:
-        stage0.write_text(json.dumps({"zero_optimization": {"stage": 0}}))
-        with pytest.raises(CPRecError, match="zero_optimization.stage is 0; CPRec trains with ZeRO stage 1, 2 or 3"):
-            build_ds_config(from_dict(TrainConfig, {"shards": "x", "deepspeed": str(stage0)}), 1, cuda=False)
-    finally:
-        stage0.unlink()
+    stage0 = tmp_path / "stage0.json"
+    stage0.write_text(json.dumps({"zero_optimization": {"stage": 0}}))
+    with pytest.raises(CPRecError, match="zero_optimization.stage is 0; CPRec trains with ZeRO stage 1, 2 or 3"):
+        build_ds_config(from_dict(TrainConfig, {"shards": "x", "deepspeed": str(stage0)}), 1, cuda=False)
 
 
 def test_chunked_loss_head_gives_the_same_losses_and_gradients_with_tied_weights():
@@ -314,7 +311,9 @@ def test_zero_stage_2_trains_resumes_bit_exact_and_exports(work, straight, tmp_p
 
     exported = load_file(str(out / "model.safetensors"))
     saved = weights(work / "stage2", tag)
-    assert all(torch.equal(exported[k], saved[k]) for k in exported if k in saved)
+    shared = set(exported) & set(saved)
+    assert len(shared) >= len(saved) - 1  # every weight (lm_head may be tied away in the export)
+    assert all(torch.equal(exported[k], saved[k]) for k in shared)
 
 
 @pytest.mark.parametrize("first,then", [(3, 2), (2, 3)])

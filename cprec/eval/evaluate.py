@@ -35,7 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cprec.data import template
-from cprec.data.prepared import read_manifest, split_kind
+from cprec.data.prepared import LEAVE_ONE_OUT, read_manifest, split_kind
 from cprec.data.stream import stable_key
 from cprec.errors import CPRecError
 from cprec.eval import ranks as rank_files
@@ -274,12 +274,17 @@ def settings_record(model_spec: str, prepared: Path, domains: list[str], cfg: Ev
     folder = model_folder(model_spec)
     record = {"model": str(model_spec), "model_files": fingerprint([p for p in folder.iterdir() if p.is_file()]),
               "data": str(prepared.resolve()), "data_manifest": fingerprint([prepared / "manifest.json"]),
-              "split": split_kind(read_manifest(prepared)),  # named when a resume would mix splits
               "protocol": cfg.protocol, "domains": domains, "users": cfg.users, "negatives": cfg.negatives,
               "seed": cfg.seed, "top_k": TOP_K, "dtype": str(dtype).removeprefix("torch.")}
     record["candidates"] = str(candidates.resolve()) if candidates else None
     record["candidates_files"] = fingerprint(sorted(candidates.glob("*.jsonl"))) if candidates else None
-    if cfg.split != "test":  # recorded only off the default, so test-split records stay as they were
+    # both recorded only off their defaults, so that leave-one-out test-split records stay as they were (a
+    # resume of an earlier evaluation is not refused for a key it never had): how the held-out domains were
+    # split (a resume that would mix splits is refused naming it), and which of their users are scored
+    kind = split_kind(read_manifest(prepared))
+    if kind != LEAVE_ONE_OUT:
+        record["split_kind"] = kind
+    if cfg.split != "test":
         record["split"] = cfg.split
     return record
 
@@ -453,7 +458,7 @@ def _finish(out: Path, model_spec: str, prepared: Path, cfg: EvalConfig, sets: d
     done = rank_files.read_done(out)
     records, missing = [], []
     results = {"model": str(model_spec), "prepared": str(prepared), "protocol": cfg.protocol,
-               "split": settings["split"], "settings": settings,
+               "split": cfg.split, "split_kind": settings.get("split_kind", LEAVE_ONE_OUT), "settings": settings,
                "domains": {}}
     for domain, (ds, _, _) in sets.items():
         entry: dict = {"users": len(ds.test), "items": len(ds.titles)}
@@ -513,7 +518,8 @@ def results_markdown(runs: dict[str, dict]) -> str:
             if not rows:
                 continue
             users = first["domains"][domain]["users"]
-            split = f", {first['split']} split" if first.get("split") else ""
+            kind = first.get("split_kind", LEAVE_ONE_OUT)
+            split = f", {kind} split" + (f" ({first['split']} users)" if first.get("split", "test") != "test" else "")
             keys = [f"HR@{k}" for k in HR_KS] + [f"NDCG@{k}" for k in NDCG_KS]
             lines += [f"### {domain} — {label}, {users} test users{split}", "",
                       "| model | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]

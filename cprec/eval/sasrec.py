@@ -121,7 +121,7 @@ def evaluate_sasrec(prepared: str | Path, out: str | Path, eval_cfg, cfg: SASRec
     from cprec.data.prepared import split_kind
 
     results = {"model": "SASRec", "prepared": str(prepared), "protocol": eval_cfg.protocol,
-               "split": split_kind(manifest),
+               "split": "test", "split_kind": split_kind(manifest),
                "config": {**eval_cfg.__dict__, "sasrec": cfg.__dict__}, "domains": {}}
     records = []
     for domain in domains:

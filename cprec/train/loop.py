@@ -153,6 +153,7 @@ class Trainer:
         self.train_step = TrainStep(self.engine, self.world, self.stream.stream_names, cfg.loss_chunk_tokens)
         self.checkpointer = Checkpointer(cfg.checkpoint, self.ckpt_root, self.schedule, self.rank, self.world)
         self.step = 0
+        self.resumed = resume_tag is not None
         if resume_tag is not None:
             self._restore(self.ckpt_root, resume_tag)
         elif parent_state is not None:
@@ -191,7 +192,9 @@ class Trainer:
                              self.cfg.plots, tracking)
         if self.cfg.max_steps == 0 and not ckpt.complete_tags(self.ckpt_root):
             self.save()  # materialise the starting point (e.g. a branch's loaded weights and moments)
-        if self.evaluator.missed(self.run, self.step):  # a stop signal saved this step before its evaluation
+        # a resumed run whose stop signal saved this step before its evaluation (not a branch's first step: that
+        # is its parent's model, evaluated in the parent's run)
+        if self.resumed and self.evaluator.missed(self.run, self.step):
             metrics.on_eval(self.evaluator.run(self.engine.module, self.step, wsa.phase(self.step - 1, self.schedule)))
         batches, last = None, {}
         while self.step < end:
@@ -222,6 +225,8 @@ class Trainer:
             persistent_workers=False, worker_init_fn=_ignore_stop_signals if workers else None))
 
     def _one_step(self, phase: str, batches) -> dict:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()  # this step's peak, not an evaluation copy's before it
         started = time.perf_counter()
         lr = wsa.lr(self.step, self.schedule)
         for group in self.engine.optimizer.param_groups:
