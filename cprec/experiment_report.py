@@ -44,6 +44,9 @@ def collect(exp) -> tuple[dict, dict, str]:
         for domain, slug in exp.domains():
             for seed, _ in runs:
                 folder = exp.eval_dir(model, seed, slug)
+                if not (folder / "results.json").is_file():
+                    raise CPRecError(f"{folder}/results.json is missing: that evaluation did not finish; re-run "
+                                     f"the experiment to finish it")
                 result = json.loads((folder / "results.json").read_text())
                 splits[str(folder.relative_to(exp.out))] = result.get("split_kind", LEAVE_ONE_OUT)
                 ranks.setdefault(model, {}).setdefault(domain, []).append(read_full_ranks(folder))

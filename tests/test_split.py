@@ -82,3 +82,18 @@ def test_an_evaluation_resumed_on_the_other_split_is_refused(tmp_path):
         ranks.claim(tmp_path / "eval", {**before, "split_kind": "chronological"})
     with pytest.raises(CPRecError, match="split: None -> 'valid'.*would mix their results"):
         ranks.claim(tmp_path / "eval", {**before, "split": "valid"})
+
+
+def test_cuts_at_one_time_are_refused_naming_the_domain(tmp_path):
+    """Whole-day timestamps: when the two cuts fall on one time the validation period is empty (no users for
+    the metric during training or a sweep): refused, naming the domain and the time."""
+    from cprec.config import from_dict
+    from cprec.data.prepare import PrepareConfig, prepare
+
+    config = _world(tmp_path)
+    inter = tmp_path / "inter.csv"
+    lines = inter.read_text().splitlines()
+    inter.write_text("\n".join([lines[0]] + [",".join(line.split(",")[:2] + ["9", "D"]) if line.endswith(",D")
+                                             else line for line in lines[1:]]) + "\n")
+    with pytest.raises(CPRecError, match="held-out domain 'D' has its two cuts at the same time \\(9"):
+        prepare(from_dict(PrepareConfig, {**config, "split": "chronological"}), tmp_path / "chrono")

@@ -290,6 +290,12 @@ def test_chunked_loss_head_gives_the_same_losses_and_gradients_with_tied_weights
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
     with pytest.raises(RuntimeError, match="without targets"):
         chunked(input_ids=ids)
+    from cprec.train.step import check_chunkable
+
+    check_chunkable(config)  # a plain Llama: fine
+    config.final_logit_softcapping = 30.0
+    with pytest.raises(CPRecError, match="transforms its logits after the head \\(final_logit_softcapping=30.0\\)"):
+        check_chunkable(config)
 
 def test_zero_stage_2_trains_resumes_bit_exact_and_exports(work, straight, tmp_path):
     """Stage 2 keeps the parameters whole on each rank: the same rows, a bit-exact resume of its own, and

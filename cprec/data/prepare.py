@@ -283,6 +283,11 @@ def split_record(cfg: PrepareConfig, data: _Log, domains, stamps, downstream) ->
         record["interactions"][domain] = {"train": int(np.sum(times < cut1)),
                                           "valid": int(np.sum((times >= cut1) & (times < cut2))),
                                           "test": int(np.sum(times >= cut2))}
+        if cut1 == cut2:  # whole-day timestamps tie often: an empty validation period leaves no model selection
+            raise CPRecError(f"split=chronological: held-out domain '{domain}' has its two cuts at the same time "
+                             f"({cut1:g}; {n} interactions, split_ratios {list(cfg.split_ratios)}), so its "
+                             f"validation period is empty; widen the middle share of split_ratios or use "
+                             f"split=leave-one-out")
     return record
 
 

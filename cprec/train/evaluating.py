@@ -1,6 +1,7 @@
 """The recommendation metric during training: every `eval.every` steps (and at the schedule's last step) the
-model being trained is scored on a fixed, seeded sample of the downstream domains' *validation* users (the
-leave-one-out item before the test item; the test split is never read), and an `eval` record goes to
+model being trained is scored on a fixed, seeded sample of the downstream domains' *validation* users (under
+leave-one-out the item before the test item, under the chronological split the first item between the two
+cuts; the test split is never read), and an `eval` record goes to
 metrics.jsonl, TensorBoard and `plots/eval.png` (`cprec.train.metrics`).
 
 Contract:

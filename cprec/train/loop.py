@@ -38,7 +38,7 @@ from cprec.train.engine import (ZERO_STAGES, ModelConfig, OptimConfig, build_ds_
                                 init_distributed, zero_stage)
 from cprec.train.evaluating import TrainEvalConfig, TrainingEval
 from cprec.train.metrics import MetricsLog, finite, mfu
-from cprec.train.step import TrainStep
+from cprec.train.step import TrainStep, check_chunkable
 
 TASKS = ("pretrain", "sft")  # which kind of packed stream the default mixture takes
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # save at the next step boundary, then exit 0
@@ -138,6 +138,8 @@ class Trainer:
 
         model, folder, self._hf_ds = build_model(cfg, self.ds_config, self.cuda, self.rank)
         runs.check_vocabulary(cfg.shards, model.config.vocab_size)
+        if cfg.loss_chunk_tokens:
+            check_chunkable(model.config)
         self.evaluator = TrainingEval(cfg.eval, cfg.shards, folder, self.rank, self.world, self.schedule.total_steps)
         self.n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
         if self.rank == 0:

@@ -23,6 +23,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from cprec.data.collate import IGNORE_INDEX
+from cprec.errors import CPRecError
 
 
 @dataclass
@@ -31,6 +32,18 @@ class StepStats:
     loss: float
     loss_per_stream: dict[str, float]
     tokens_per_stream: dict[str, int]
+
+
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")  # applied after the head
+
+
+def check_chunkable(model_config) -> None:
+    """The chunked loss replaces the head's output, so a model that transforms the logits after the head
+    (Gemma-2's soft-capping, Cohere's and Granite's scaling) would apply that to losses: refused."""
+    found = [a for a in LOGIT_TRANSFORMS if getattr(model_config, a, None) not in (None, 1, 1.0)]
+    if found:
+        raise CPRecError(f"loss_chunk_tokens cannot be used with a model that transforms its logits after the "
+                         f"head ({found[0]}={getattr(model_config, found[0])}); set loss_chunk_tokens: 0")
 
 
 class ChunkedLossHead:
