@@ -41,6 +41,7 @@ from cprec.data.prepare import PrepareConfig
 from cprec.errors import CPRecError
 from cprec.eval.evaluate import EvalConfig
 from cprec.eval.sasrec import SASRecConfig
+from cprec.train.engine import child_env
 
 MODELS = {  # name -> label in the report; the order of the tables
     "base": "backbone, zero-shot",
@@ -351,8 +352,7 @@ def _quiet(_result) -> None:
 
 def _child(args: list[str]) -> None:
     """A `cprec` command in a child process; its output goes to ours. It takes a free port on its own."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    code = subprocess.run([sys.executable, "-m", "cprec.cli", *args], env=env).returncode
+    code = subprocess.run([sys.executable, "-m", "cprec.cli", *args], env=child_env()).returncode
     if code:
         raise CPRecError(f"`cprec {' '.join(args)}` failed (exit {code}); fix the cause and run the same "
                          f"experiment command again: finished stages are kept")

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -37,11 +36,11 @@ from pathlib import Path
 from cprec import checkpoint as ckpt
 from cprec import schedule as wsa
 from cprec.errors import CPRecError
+from cprec.train.engine import child_env
 
 SETTINGS = "sweep-settings.json"
 BRANCH_ROW = "branch.json"
 METRICS = ("HR@10", "NDCG@10")
-DIST_ENV = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
 
 
 @dataclasses.dataclass
@@ -134,8 +133,7 @@ def train_branch(spec: SweepSpec, step: int, source: Path) -> Path:
     cmd = [*spec.launcher, *args]
     print(f"\n== branch from step {step}: {shlex.join(cmd)}", flush=True)
     # a caller holding a process group (the quickstart) must not hand its rank and port to the child
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
-    code = subprocess.run(cmd, env=env).returncode
+    code = subprocess.run(cmd, env=child_env()).returncode
     if code or ckpt.latest_complete(run / "checkpoints") != final:
         raise CPRecError(f"training the branch from step {step} stopped (exit {code}) before its final checkpoint "
                          f"{final} (command: {shlex.join(cmd)}); run the same sweep again to resume it")

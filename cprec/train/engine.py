@@ -48,6 +48,17 @@ def zero_stage(ds_config: dict) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
+# what a launcher (or init_distributed, for a lone process) sets for a rank
+LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def child_env() -> dict[str, str]:
+    """The environment for a `cprec` child process started by a command (a sweep's branch, an experiment's
+    training): without this process's rank variables, so that the child makes a process group of its own
+    rather than trying to join this one."""
+    return {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
+
+
 def init_distributed():
     import warnings
 

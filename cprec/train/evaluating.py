@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from cprec.data.shards import read_index
 from cprec.errors import CPRecError
 from cprec.eval.evaluate import EvalConfig
+from cprec.train.metrics import read_metrics
 
 IN_TRAINING_PROTOCOLS = ("sampled", "full")
 
@@ -66,8 +67,7 @@ def prepared_of(cfg: TrainEvalConfig, shards: str) -> Path:
     """`eval.prepared`, else the prepared directory recorded in the shards' index."""
     if cfg.prepared:
         return Path(cfg.prepared)
-    index = json.loads((Path(shards) / "index.json").read_text())
-    source = index.get("source", {}).get("prepared")
+    source = read_index(Path(shards)).get("source", {}).get("prepared")
     if not source:
         raise CPRecError(f"{shards}/index.json does not name its prepared directory: set eval.prepared")
     return Path(source)
@@ -79,7 +79,7 @@ def tokenizer_folder(run_model: Path | None, shards: str) -> Path:
 
     if run_model is not None and any((run_model / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
         return run_model
-    return resolve_tokenizer(json.loads((Path(shards) / "index.json").read_text())["tokenizer"]["name"])
+    return resolve_tokenizer(read_index(Path(shards))["tokenizer"]["name"])
 
 
 class TrainingEval:
@@ -118,9 +118,7 @@ class TrainingEval:
             return False
         missing = None
         if self.rank == 0:  # rank 0 wrote (and truncated) the file; every rank must take the same branch
-            path = run / "metrics.jsonl"
-            lines = path.read_text().splitlines() if path.is_file() else []
-            missing = not any(r.get("kind") == "eval" and r["step"] == step for r in map(json.loads, lines))
+            missing = not any(r["step"] == step for r in read_metrics(run)[1])
         box = [missing]
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
