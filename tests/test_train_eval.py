@@ -2,6 +2,7 @@
 of the exported checkpoint on the same validation users, never changes training (losses with it on equal
 those with it off, bit for bit, with dropout on), and two gloo ranks under ZeRO-3 compute what one does."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ from tests.conftest import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ("global_batch=8", "schedule.peak_lr=0.003", "schedule.min_lr=0.0003", "checkpoint.every=1000")
+HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None  # optional: not in the [test] extra
 RISE_MARGIN = 0.15  # measured: 0.445 -> 0.65-0.71 (test_the_metric_rises_as_training_proceeds_...)
 
 
@@ -68,14 +70,15 @@ def test_the_metric_rises_as_training_proceeds_and_equals_cprec_evaluate(strong_
     run = tmp_path / "run"
     run_cli("train", f"run_dir={run}", f"shards={shards}", f"model.name={tiny_base}", "micro_batch=8", *FAST,
             "schedule.warmup_steps=4", "schedule.stable_steps=36", "schedule.anneal_steps=10", "eval.every=10",
-            "eval.users=100", "eval.protocol=full", "tensorboard=true")
+            "eval.users=100", "eval.protocol=full", f"tensorboard={str(HAS_TENSORBOARD).lower()}")
     steps, evals = records(run)
     assert [e["step"] for e in evals] == [10, 20, 30, 40, 50] and len(steps) == 50
     assert all(e["split"] == "valid" and e["protocol"] == "full" and e["users"] == 200 for e in evals)
     print("in-training HR@10:", [round(e["HR@10"], 4) for e in evals])
     assert evals[-1]["HR@10"] >= evals[0]["HR@10"] + RISE_MARGIN
     assert (run / "plots" / "eval.png").is_file()
-    assert any("tfevents" in p.name for p in (run / "tensorboard").iterdir())
+    if HAS_TENSORBOARD:
+        assert any("tfevents" in p.name for p in (run / "tensorboard").iterdir())
     results = separate_evaluation(run, 50, prepared, tmp_path / "separate", "full", 100)
     assert_record_equals(evals[-1], results, "full")
 
