@@ -4,7 +4,9 @@ checked against the CPU path. Goal (issue 14): >= 50 users/s full ranking on one
 Users are generated: a history of 3-12 catalogue titles (the prompt, within a 511-token budget as MovieLens
 is prepared), a target title outside it, and 99 sampled negatives. Prints, for the GPU in its evaluation
 precision (bf16 by default): users/s of full ranking (exact top-20 by best-first search, `batch_users` users
-per step) and of sampled ranking (100 candidates), the search's peak frontier and fallbacks; then, on
+per step) for each --beam side by side (64 was the first measurement's; 256 is `cprec evaluate`'s default on
+a GPU), with fed nodes per user, and of sampled ranking (100 candidates), the search's peak frontier and
+fallbacks; then, on
 --check-users users, the same ranks recomputed by the CPU path (fp32, the same batched scorer on the CPU)
 and by the GPU in fp32: the fp32 ranks must be identical to the CPU's; bf16's agreement is reported (its
 rounding can reorder near-ties, so it is a figure, not a check).
@@ -54,7 +56,7 @@ def users(titles: list[str], n: int, tok, seed: int = 0) -> list[dict]:
     return out
 
 
-def rank_all(scorer: BatchScorer, tree: PrefixTree, rows: list[dict], args, timed: bool = False) -> dict:
+def rank_all(scorer: BatchScorer, tree: PrefixTree, rows: list[dict], args, beam: int) -> dict:
     """Full-ranking and sampled ranks of `rows` in batches of --batch-users, with seconds of each protocol."""
     sync = torch.cuda.synchronize if scorer.device.type == "cuda" else (lambda: None)
     full, sampled, seconds = [], [], {"full": 0.0, "sampled": 0.0}
@@ -62,7 +64,7 @@ def rank_all(scorer: BatchScorer, tree: PrefixTree, rows: list[dict], args, time
         batch = rows[lo:lo + args.batch_users]
         sync()
         started = time.perf_counter()
-        tops = scorer.top_k_users([r["prompt"] for r in batch], tree, TOP_K, args.beam, frontier=args.frontier)
+        tops = scorer.top_k_users([r["prompt"] for r in batch], tree, TOP_K, beam, frontier=args.frontier)
         sync()
         seconds["full"] += time.perf_counter() - started
         full += [[i for i, _ in top] for top in tops]
@@ -107,7 +109,8 @@ def main():
     parser.add_argument("--users", type=int, default=1024)
     parser.add_argument("--catalogue", type=int, default=10_000)
     parser.add_argument("--batch-users", dest="batch_users", type=int, default=128)
-    parser.add_argument("--beam", type=int, default=64)
+    parser.add_argument("--beam", type=int, nargs="+", default=[256, 64], help="beams to time, side by side; the "
+                        "first one's ranks are checked")
     parser.add_argument("--frontier", type=int, default=50_000)
     parser.add_argument("--row-nodes", dest="row_nodes", type=int, default=256)
     parser.add_argument("--tokens-per-pass", dest="tokens_per_pass", type=int, default=32768)
@@ -126,10 +129,15 @@ def main():
                                             users=1)).titles[0]
     tree = PrefixTree(scorer.lines_ids(titles))
     rows = users(titles, args.users, scorer.tok)
-    rank_all(scorer, tree, rows[:min(len(rows), args.batch_users)], args)  # warm-up: allocations, kernels
-    scorer.reset_stats()
-    main_run = rank_all(scorer, tree, rows, args)
-    stats = dict(scorer.stats)
+    rank_all(scorer, tree, rows[:min(len(rows), args.batch_users)], args, args.beam[0])  # warm-up: allocations
+    by_beam = {}
+    for beam in args.beam:
+        scorer.reset_stats()
+        run = rank_all(scorer, tree, rows, args, beam)
+        by_beam[beam] = {"full_users_per_s": len(rows) / run["seconds"]["full"],
+                         "fed_nodes_per_user": scorer.stats["fed_nodes"] / len(rows), **scorer.stats}
+        if beam == args.beam[0]:
+            main_run, stats = run, dict(scorer.stats)
     exhaustive_rows = rows[:args.exhaustive_users]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
@@ -142,8 +150,8 @@ def main():
     exhaustive_seconds = time.perf_counter() - started
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "dtype": str(dtype).removeprefix("torch."), "catalogue": len(titles), "tree_nodes": tree.size - 1,
-              "users": len(rows), "batch_users": args.batch_users, "beam": args.beam,
-              "full_users_per_s": len(rows) / main_run["seconds"]["full"],
+              "users": len(rows), "batch_users": args.batch_users, "beam": args.beam[0],
+              "full_users_per_s": len(rows) / main_run["seconds"]["full"], "by_beam": by_beam,
               "sampled_users_per_s": len(rows) / main_run["seconds"]["sampled"], "search": stats,
               "model": args.model, "exhaustive_users": len(exhaustive_rows),
               "exhaustive_users_per_s": len(exhaustive_rows) / exhaustive_seconds if exhaustive_rows else None,
@@ -151,11 +159,11 @@ def main():
 
     check = rows[:args.check_users]
     del scorer
-    cpu = rank_all(scorer_for(torch.device("cpu"), torch.float32, args), tree, check, args)
+    cpu = rank_all(scorer_for(torch.device("cpu"), torch.float32, args), tree, check, args, args.beam[0])
     mine = {"full": main_run["full"][:len(check)], "sampled": main_run["sampled"][:len(check)]}
     report[f"{report['dtype']}_vs_cpu_fp32"] = agreement(mine, cpu, check)
     if device.type == "cuda" and dtype != torch.float32:
-        fp32 = rank_all(scorer_for(device, torch.float32, args), tree, check, args)
+        fp32 = rank_all(scorer_for(device, torch.float32, args), tree, check, args, args.beam[0])
         report["gpu_fp32_vs_cpu_fp32"] = agreement(fp32, cpu, check)
     fp32 = report.get("gpu_fp32_vs_cpu_fp32") or (report[f"{report['dtype']}_vs_cpu_fp32"]
                                                    if dtype == torch.float32 else None)
@@ -163,7 +171,9 @@ def main():
         fp32["full_top20_identical"] == len(check) and fp32["sampled_rank_identical"] == len(check)
 
     print(json.dumps(report, indent=2))
-    print(f"\n{report['device']} {report['dtype']}: full ranking {report['full_users_per_s']:.1f} users/s, sampled "
+    beams = ", ".join(f"beam {b}: {r['full_users_per_s']:.1f} users/s ({r['fed_nodes_per_user']:,.0f} fed nodes per user)"
+                      for b, r in by_beam.items())
+    print(f"\n{report['device']} {report['dtype']}: full ranking {beams}; sampled "
           f"{report['sampled_users_per_s']:.1f} users/s ({len(rows)} users, {len(titles):,} titles, peak frontier "
           f"{stats['peak_frontier']:,}, {stats['fallbacks']} fallbacks); fp32 ranks identical to the CPU path on "
           f"{len(check)} users: {report['fp32_ranks_identical']}; every title scored: "

@@ -18,8 +18,13 @@ export PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=/tmp/torch_extensions
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import sys, torch, deepspeed, transformers; print(sys.version.split()[0], torch.__version__,
 deepspeed.__version__, transformers.__version__)" 2>&1 | grep -v WARNING | tee -a "$OUT/gpu.txt"
-timeout "${LEVERS_S:-370}" python3 benchmarks/gpu_check.py --parts levers --steps 8 --micro-batch 16 --timeout 100 \
-  --out "$OUT" 2>&1 | grep -v "WARNING\|real_accelerator" | tee "$OUT/levers.log"
-timeout "${EVAL_S:-140}" python3 benchmarks/gpu_eval.py --model random:.gpu/smollm2-config --users 256 \
-  --batch-users 128 --exhaustive-users 128 --check-users 1 --out "$OUT/gpu_eval.json" 2>&1 \
-  | grep -v "WARNING\|real_accelerator" | tee "$OUT/eval.log"
+PARTS=" ${PARTS:-levers eval} "  # e.g. PARTS=eval: the evaluation only (about 3 minutes of GPU time)
+if [[ $PARTS == *" levers "* ]]; then
+  timeout "${LEVERS_S:-370}" python3 benchmarks/gpu_check.py --parts levers --steps 8 --micro-batch 16 --timeout 100 \
+    --out "$OUT" 2>&1 | grep -v "WARNING\|real_accelerator" | tee "$OUT/levers.log"
+fi
+if [[ $PARTS == *" eval "* ]]; then
+  timeout "${EVAL_S:-200}" python3 benchmarks/gpu_eval.py --model random:.gpu/smollm2-config --users 256 \
+    --batch-users 128 --beam 256 64 --exhaustive-users 128 --check-users 1 --out "$OUT/gpu_eval.json" 2>&1 \
+    | grep -v "WARNING\|real_accelerator" | tee "$OUT/eval.log"
+fi

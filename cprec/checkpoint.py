@@ -132,7 +132,8 @@ def remove_incomplete(root: Path) -> list[str]:
 
 
 def prune(root: Path, keep_last: int, is_branch_point) -> list[str]:
-    """Delete complete checkpoints beyond the last `keep_last`, keeping branch points and `latest`."""
+    """Delete complete checkpoints beyond the last `keep_last`, keeping branch points and `latest`; a
+    deleted checkpoint's universal conversion (`<tag>_universal`, written by an elastic resume) goes with it."""
     tags = complete_tags(root)
     latest = latest_complete(root)
     keep = set(tags[-keep_last:]) if keep_last > 0 else set()
@@ -140,6 +141,7 @@ def prune(root: Path, keep_last: int, is_branch_point) -> list[str]:
     for tag in tags:
         if tag in keep or tag == latest or is_branch_point(step_of(tag)):
             continue
+        shutil.rmtree(root / f"{tag}_universal", ignore_errors=True)
         shutil.rmtree(root / tag)
         removed.append(tag)
     return removed

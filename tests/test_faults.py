@@ -861,3 +861,18 @@ def test_a_sweep_killed_half_way_redoes_nothing_finished(sweep_parent, tmp_path)
     drop = ("checkpoint", "hf")  # paths
     assert [{k: v for k, v in r.items() if k not in drop} for r in rows] == \
         [{k: v for k, v in r.items() if k not in drop} for r in want]
+
+
+def test_retention_removes_a_pruned_checkpoints_universal_conversion_and_nothing_else(tmp_path):
+    """An elastic resume leaves `<tag>_universal` beside its checkpoint (a second full copy); retention
+    removes it with its checkpoint, keeps those of kept checkpoints, and leaves foreign folders alone."""
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 6, 8):
+        (root / _ckpt.tag_for(step)).mkdir(parents=True)
+        _ckpt.mark_complete(root, _ckpt.tag_for(step), {"step": step})
+        (root / f"{_ckpt.tag_for(step)}_universal").mkdir()
+    (root / "notes").mkdir()
+    removed = _ckpt.prune(root, keep_last=2, is_branch_point=lambda step: step == 2)
+    assert removed == [_ckpt.tag_for(4)]
+    left = sorted(p.name for p in root.iterdir() if p.is_dir())
+    assert left == sorted(["notes", *(f"{_ckpt.tag_for(s)}{x}" for s in (2, 6, 8) for x in ("", "_universal"))])

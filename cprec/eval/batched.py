@@ -19,7 +19,9 @@ How (the spec, beside the code):
   node means feeding it: the distribution after it scores all its children at once; the distribution after
   the prompt scores the first tokens.
 * **Rows and passes.** A row is one user's nodes on a copy of that user's prompt cache: at most `row_nodes`
-  fed nodes, plus context. A forward pass takes rows of many users up to `tokens_per_pass` fed positions
+  fed nodes, plus context. Nodes are numbered in pre-order, so node a is v or an ancestor of v exactly when
+  a <= v < stop[a] (the end of a's subtree): a row's attention mask is that one comparison, for all its
+  rows at once. A forward pass takes rows of many users up to `tokens_per_pass` fed positions
   (padding counted), which bounds its memory; the head runs on the expanded nodes only, in chunks.
 * **Searches keep K/V** (`NodeCache`): the keys and values of every node fed during a search are kept, so a
   later row takes a node's ancestors as context instead of feeding them again: each node is fed once. The
@@ -36,11 +38,13 @@ How (the spec, beside the code):
   When a search can no longer certify its next title (every remaining prefix scores below what was cut),
   the user is scored exhaustively instead, in slices, and counted, so the result stays exact. Finished
   titles beyond the K still to be found are dropped (they can never enter the top K).
+* **No Python per node.** A search step's bookkeeping (the frontier, the rows, the masks, the cache's
+  slots) is numpy over arrays of nodes, per user or per pass: on a GPU, whose passes take milliseconds, a
+  loop over nodes in Python was what bound the search.
 """
 
 from __future__ import annotations
 
-import heapq
 import math
 from dataclasses import dataclass, field
 
@@ -98,6 +102,12 @@ class PrefixTree:
         self.has_children = counts > 0
         self.inner = np.flatnonzero(self.has_children[1:]) + 1  # the nodes that are ever fed, in pre-order
         self.levels = [np.flatnonzero(self.depth == d) for d in range(1, int(self.depth.max()) + 1)]
+        # pre-order numbering: node v's subtree is the range [v, stop[v]), so "a is v or an ancestor of v" is
+        # a <= v < stop[a], one comparison (the attention mask of a row is built from it)
+        size = np.ones(len(token), dtype=np.int64)
+        for level in reversed(self.levels):
+            np.add.at(size, self.parent[level], size[level])
+        self.stop = np.arange(len(token)) + size
 
     @property
     def size(self) -> int:
@@ -121,6 +131,18 @@ class PrefixTree:
             node = int(self.parent[node])
         return out[::-1]
 
+    def ancestors_of(self, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every (i, a) such that `a` is a strict ancestor of `nodes[i]`, the root excluded."""
+        index, above = np.arange(len(nodes)), self.parent[np.asarray(nodes, dtype=np.int64)]
+        out_index, out_above = [NO_NODES], [NO_NODES]
+        while len(above):
+            real = above > 0
+            index, above = index[real], above[real]
+            out_index.append(index)
+            out_above.append(above)
+            above = self.parent[above]
+        return np.concatenate(out_index), np.concatenate(out_above)
+
     def slices(self, row_nodes: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """Every inner node, cut into (fed, expanded) rows of at most `row_nodes` fed nodes: a run of
         consecutive inner nodes (expanded) plus the ancestors of its first node (fed as context)."""
@@ -136,21 +158,34 @@ class PrefixTree:
             start += len(run)
         return out
 
-    def cover(self, nodes, row_nodes: int, kept=frozenset()) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def cover(self, nodes, row_nodes: int, kept: np.ndarray | None = None
+              ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """(fed, expanded, context) rows that expand `nodes`: each row feeds some of them and those of their
-        ancestors not in `kept` (at most `row_nodes` fed), and takes the `kept` ancestors as context."""
+        ancestors not `kept` (a mask over the nodes; None: none), at most `row_nodes` fed, and takes the
+        kept ancestors as context."""
+        nodes = np.unique(np.asarray(nodes, dtype=np.int64))
+        index, above = self.ancestors_of(nodes)
+        if kept is not None and kept[above].all():
+            # a search's usual case, vectorised: every ancestor's K/V is kept, so a row feeds only its nodes
+            rows = []
+            for lo in range(0, len(nodes), row_nodes):
+                run = nodes[lo:lo + row_nodes]
+                context = np.unique(above[(index >= lo) & (index < lo + row_nodes)])
+                rows.append((run, run, np.setdiff1d(context, run, assume_unique=True)))
+            return rows
+        is_kept = (lambda a: False) if kept is None else (lambda a: bool(kept[a]))
         rows, fed, context, expanded = [], set(), set(), []
-        for node in sorted(int(n) for n in nodes):
+        for node in nodes.tolist():
             above = self.ancestors(node)
-            need = ({node} | {a for a in above if a not in kept}) - fed
+            need = ({node} | {a for a in above if not is_kept(a)}) - fed
             if expanded and len(fed) + len(need) > row_nodes:
                 rows.append(_row(fed, expanded, context))
                 fed, context, expanded = set(), set(), []
-                need = {node} | {a for a in above if a not in kept}
+                need = {node} | {a for a in above if not is_kept(a)}
             if len(need) > row_nodes:
                 raise CPRecError(f"row_nodes={row_nodes} is below the longest title line; raise row_nodes")
             fed |= need
-            context |= {a for a in above if a in kept}
+            context |= {a for a in above if is_kept(a)}
             expanded.append(node)
         if expanded:
             rows.append(_row(fed, expanded, context))
@@ -166,7 +201,7 @@ class PrefixTree:
 
 def _row(fed: set, expanded: list, context: set) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return (np.asarray(sorted(fed), dtype=np.int64), np.asarray(expanded, dtype=np.int64),
-            np.asarray(sorted(context), dtype=np.int64))
+            np.asarray(sorted(context - fed), dtype=np.int64))
 
 
 @dataclass
@@ -186,54 +221,60 @@ class Row:
     fed: np.ndarray  # node ids, sorted; with `context`, every ancestor (but the root) of each is present
     expanded: np.ndarray  # the fed nodes whose children are scored
     context: np.ndarray = field(default_factory=lambda: NO_NODES)  # nodes whose K/V the NodeCache holds
+    first: int = 0  # a search's row: where its expanded nodes start in that step's list of nodes
 
 
 class NodeCache:
     """Keys and values of the tree nodes fed during one search of a batch of users, by (user, node), so that
-    later rows take them as context. At most `capacity` nodes; when full, nodes are no longer kept."""
+    later rows take them as context. At most `capacity` nodes; when full, nodes are no longer kept. User u's
+    node v has the slot `slot[offset[u] + v]` (-1: not kept): one flat array, so that lookups and stores
+    are vectorised over all the nodes of a pass."""
 
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self.slot: dict[tuple[int, int], int] = {}
-        self.by_user: dict[int, set] = {}
+    def __init__(self, capacity: int, tree_sizes: list[int]):
+        self.capacity, self.used = capacity, 0
+        self.offset = np.concatenate([[0], np.cumsum(tree_sizes)]).astype(np.int64)
+        self.slot = np.full(int(self.offset[-1]), -1, dtype=np.int32)  # users x tree nodes: 4 bytes each
         self.keys: list[torch.Tensor] = []  # per layer [capacity, kv heads, head dim]
         self.values: list[torch.Tensor] = []
 
-    def kept(self, user: int) -> set:
-        return self.by_user.get(user, set())
+    def kept(self, user: int) -> np.ndarray:
+        """A mask over the user's tree: the nodes whose K/V are kept."""
+        return self.slot[self.offset[user]:self.offset[user + 1]] >= 0
 
-    def slots(self, user: int, nodes: np.ndarray) -> list[int]:
-        return [self.slot[(user, int(n))] for n in nodes]
+    def slots(self, user: int, nodes: np.ndarray) -> np.ndarray:
+        return self.slot[self.offset[user] + nodes]
 
-    def keep(self, owners: list[tuple[int, int]], keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-        """Store the per-layer [n, kv heads, head dim] K/V of `owners` (user, node) while there is room."""
-        new, seen = [], set()
-        for i, owner in enumerate(owners):
-            if owner not in self.slot and owner not in seen:  # a node fed in two rows is kept once
-                seen.add(owner)
-                new.append(i)
-        take = new[:self.capacity - len(self.slot)]
-        if not take:
+    def all_kept(self, users: np.ndarray, nodes: np.ndarray) -> bool:
+        return bool((self.slot[self.offset[users] + nodes] >= 0).all())
+
+    def keep(self, users: np.ndarray, nodes: np.ndarray, keys: list[torch.Tensor], values: list[torch.Tensor]
+             ) -> None:
+        """Store the per-layer [n, kv heads, head dim] K/V of (users[i], nodes[i]) while there is room."""
+        where = self.offset[users] + nodes
+        _, first = np.unique(where, return_index=True)  # a node fed in two rows is kept once
+        take = first[self.slot[where[first]] < 0][:self.capacity - self.used]
+        if not len(take):
             return
         if not self.keys:
             self.keys = [k.new_empty((self.capacity, *k.shape[1:])) for k in keys]
             self.values = [v.new_empty((self.capacity, *v.shape[1:])) for v in values]
-        start = len(self.slot)
-        index = torch.tensor(take, device=keys[0].device)
+        start, stop = self.used, self.used + len(take)
+        index = torch.from_numpy(take).to(keys[0].device)
         for store, src in zip(self.keys + self.values, keys + values):
-            store[start:start + len(take)] = src[index]
-        for offset, i in enumerate(take):
-            self.slot[owners[i]] = start + offset
-            self.by_user.setdefault(owners[i][0], set()).add(owners[i][1])
+            store[start:stop] = src[index]
+        self.slot[where[take]] = np.arange(start, stop)
+        self.used = stop
 
 
 class BestFirst:
-    """One user's exact best-first search for the K best titles of a tree (see the module docstring)."""
+    """One user's exact best-first search for the K best titles of a tree (see the module docstring). The
+    open prefixes and the finished titles are numpy arrays: a step touches each once, vectorised, however
+    many children the expanded nodes have (a heap touched each from Python and bound a GPU's search)."""
 
     def __init__(self, tree: PrefixTree, k: int, frontier: int):
         self.tree, self.k, self.frontier = tree, k, frontier
-        self.open: list[tuple[float, int]] = []  # (-score, node): a min-heap, best prefix first
-        self.finished: list[tuple[float, int]] = []  # (-score, title)
+        self.open_nodes, self.open_scores = NO_NODES, np.zeros(0)  # prefixes not expanded yet
+        self.done_titles, self.done_scores = NO_NODES, np.zeros(0)  # finished titles not yet final
         self.results: list[tuple[int, float]] = []
         self.cut = -math.inf  # best score of a prefix cut from the frontier
         self.peak = 0  # largest frontier after a step
@@ -243,42 +284,58 @@ class BestFirst:
         """Children of `nodes` (whose prefix scores are `scores`), given `logp` of those children."""
         counts = self.tree.child_ptr[nodes + 1] - self.tree.child_ptr[nodes]
         children = self.tree.children_of(nodes)
-        for child, s in zip(children.tolist(), (np.repeat(scores, counts) + logp).tolist()):
-            title = int(self.tree.end[child])
-            if title >= 0:
-                heapq.heappush(self.finished, (-s, title))
-            if self.tree.has_children[child]:
-                heapq.heappush(self.open, (-s, child))
+        child_scores = np.repeat(scores, counts) + logp
+        titles = self.tree.end[children]
+        ended, inner = titles >= 0, self.tree.has_children[children]
+        self.done_titles = np.concatenate([self.done_titles, titles[ended]])
+        self.done_scores = np.concatenate([self.done_scores, child_scores[ended]])
+        self.open_nodes = np.concatenate([self.open_nodes, children[inner]])
+        self.open_scores = np.concatenate([self.open_scores, child_scores[inner]])
 
     def trim(self) -> None:
         """Cut the frontier back to its best `frontier` prefixes, and the finished titles to the K still
         needed (the others can never enter the top K)."""
-        if len(self.open) > self.frontier:
-            ordered = sorted(self.open)
-            self.cut = max(self.cut, -ordered[self.frontier][0])
-            self.open = ordered[:self.frontier]  # a sorted list is a heap
+        if len(self.open_nodes) > self.frontier:
+            order = np.argpartition(-self.open_scores, self.frontier)
+            self.cut = max(self.cut, float(self.open_scores[order[self.frontier]]))  # the best one cut
+            self._keep_open(order[:self.frontier])
         need = self.k - len(self.results)
-        if len(self.finished) > 2 * need:  # amortised: trim when twice over
-            self.finished = heapq.nsmallest(need, self.finished)
-        self.peak = max(self.peak, len(self.open))
+        if len(self.done_titles) > 2 * need:  # amortised: trim when twice over
+            self._keep_done(self._best_done(np.arange(len(self.done_titles)))[:need])
+        self.peak = max(self.peak, len(self.open_nodes))
 
-    def advance(self, beam: int) -> list[tuple[int, float]]:
-        """Take every title now final; return up to `beam` prefixes to expand next (none: finished or
-        blocked)."""
-        while len(self.results) < self.k:
-            best_open = -self.open[0][0] if self.open else -math.inf
-            bound = max(best_open, self.cut)
-            while self.finished and -self.finished[0][0] >= bound and len(self.results) < self.k:
-                neg, title = heapq.heappop(self.finished)
-                self.results.append((title, -neg))
-            if len(self.results) >= self.k or (not self.open and self.cut == -math.inf):
-                break  # done, or the whole tree is ranked (K above the catalogue size)
-            if best_open <= self.cut:  # nothing left can beat what was cut: the next title is uncertain
-                self.blocked = True
-                break
-            popped = [heapq.heappop(self.open) for _ in range(min(beam, len(self.open)))]
-            return [(node, -neg) for neg, node in popped]
-        return []
+    def advance(self, beam: int) -> tuple[np.ndarray, np.ndarray]:
+        """Take every title now final; return up to `beam` prefixes to expand next and their scores (none:
+        finished or blocked)."""
+        best_open = float(self.open_scores.max()) if len(self.open_scores) else -math.inf
+        bound = max(best_open, self.cut)
+        final = self._best_done(np.flatnonzero(self.done_scores >= bound))[:self.k - len(self.results)]
+        if len(final):
+            self.results += list(zip(self.done_titles[final].tolist(), self.done_scores[final].tolist()))
+            rest = np.ones(len(self.done_titles), dtype=bool)
+            rest[final] = False
+            self._keep_done(rest)
+        if len(self.results) >= self.k or (not len(self.open_nodes) and self.cut == -math.inf):
+            return NO_NODES, np.zeros(0)  # done, or the whole tree is ranked (K above the catalogue size)
+        if best_open <= self.cut:  # nothing left can beat what was cut: the next title is uncertain
+            self.blocked = True
+            return NO_NODES, np.zeros(0)
+        take = min(beam, len(self.open_nodes))
+        order = np.argpartition(-self.open_scores, take - 1) if take < len(self.open_nodes) else \
+            np.arange(take)
+        popped = self.open_nodes[order[:take]], self.open_scores[order[:take]]
+        self._keep_open(order[take:])
+        return popped
+
+    def _best_done(self, at: np.ndarray) -> np.ndarray:
+        """`at` (finished titles' positions) best first, equal scores in title order, as `_best` ranks."""
+        return at[np.lexsort((self.done_titles[at], -self.done_scores[at]))]
+
+    def _keep_open(self, at: np.ndarray) -> None:
+        self.open_nodes, self.open_scores = self.open_nodes[at], self.open_scores[at]
+
+    def _keep_done(self, at: np.ndarray) -> None:
+        self.done_titles, self.done_scores = self.done_titles[at], self.done_scores[at]
 
 
 class BatchScorer(TitleScorer):
@@ -335,10 +392,12 @@ class BatchScorer(TitleScorer):
         layers = [(layer.keys, layer.values) for layer in out.cache.layers]
         return Prompts(layers, lengths, mask, first)
 
-    def node_cache(self, prompts: Prompts, most_nodes: int) -> NodeCache:
-        """A cache for the nodes of one search: as many as `node_cache_bytes` holds, at most `most_nodes`."""
+    def node_cache(self, prompts: Prompts, trees: list[PrefixTree]) -> NodeCache:
+        """A cache for the nodes of one search of user u in `trees[u]`: as many as `node_cache_bytes` holds,
+        at most every inner node."""
         per_node = sum(2 * k.shape[1] * k.shape[3] * k.element_size() for k, _ in prompts.layers)
-        return NodeCache(max(0, min(most_nodes, self.node_cache_bytes // per_node)))
+        most_nodes = sum(len(tree.inner) for tree in trees)
+        return NodeCache(max(0, min(most_nodes, self.node_cache_bytes // per_node)), [t.size for t in trees])
 
     def run(self, prompts: Prompts, rows: list[Row], cache: NodeCache | None = None):
         """Yield (row, log-probabilities of the children of its expanded nodes, concatenated in order), rows
@@ -359,28 +418,32 @@ class BatchScorer(TitleScorer):
         users = torch.tensor([r.user for r in rows], device=self.device)
         ids = np.zeros((n_rows, width), dtype=np.int64)
         positions = np.zeros((n_rows, width), dtype=np.int64)
-        sees_fed = np.zeros((n_rows, width, width), dtype=bool)
-        sees_context = np.zeros((n_rows, width, n_context), dtype=bool)
+        # each position's node and the end of its subtree (-1: padding); a query sees a key whose subtree
+        # holds it, i.e. itself and its ancestors (fed or context), never the root, never padding
+        fed, fed_stop = np.full((n_rows, width), -1), np.full((n_rows, width), -1)
+        context, context_stop = np.full((n_rows, n_context), -1), np.full((n_rows, n_context), -1)
         slots = np.zeros((n_rows, n_context), dtype=np.int64)
         lengths = prompts.lengths.cpu().numpy()
         for r, row in enumerate(rows):
-            fed, context, n = row.fed, row.context, len(row.fed)
-            ids[r, :n] = row.tree.token[fed]
-            positions[r, :n] = lengths[row.user] + row.tree.depth[fed] - 1
-            query, node = np.arange(n), fed
-            while len(node):  # each fed node sees itself and its ancestors (fed, or context), but the root
-                at = np.minimum(np.searchsorted(fed, node), n - 1)
-                in_fed = fed[at] == node
-                sees_fed[r, query[in_fed], at[in_fed]] = True
-                sees_context[r, query[~in_fed], np.searchsorted(context, node[~in_fed])] = True
-                up = row.tree.parent[node]
-                query, node = query[up > 0], up[up > 0]
-            sees_fed[r, np.arange(n, width), np.arange(n, width)] = True  # padding sees itself: never all -inf
-            if len(context):
-                slots[r, :len(context)] = cache.slots(row.user, context)
-        seen = torch.cat([prompts.mask[users][:, None, :].expand(n_rows, width, -1),
-                          torch.from_numpy(sees_context).to(self.device),
-                          torch.from_numpy(sees_fed).to(self.device)], dim=2)
+            n, m = len(row.fed), len(row.context)
+            ids[r, :n] = row.tree.token[row.fed]
+            positions[r, :n] = lengths[row.user] + row.tree.depth[row.fed] - 1
+            fed[r, :n], fed_stop[r, :n] = row.fed, row.tree.stop[row.fed]
+            if m:
+                context[r, :m], context_stop[r, :m] = row.context, row.tree.stop[row.context]
+                slots[r, :m] = cache.slots(row.user, row.context)
+        # the mask is built where the model runs: rows x width x (context + width) is large, its inputs small
+        fed, fed_stop, context, context_stop = (torch.from_numpy(a).to(self.device)
+                                                for a in (fed, fed_stop, context, context_stop))
+        query = fed[:, :, None]
+        sees_fed = (fed[:, None, :] <= query) & (query < fed_stop[:, None, :])
+        sees_context = (context[:, None, :] <= query) & (query < context_stop[:, None, :])
+        sees_fed.diagonal(dim1=1, dim2=2).logical_or_(fed < 0)  # padding sees itself: never a row of all -inf
+        depth = torch.from_numpy(np.concatenate([row.tree.depth[row.fed] for row in rows])).to(self.device)
+        seen_count = sees_fed.sum(-1) + sees_context.sum(-1)
+        if not torch.equal(seen_count[fed >= 0], depth):  # a row must hold every ancestor of its nodes
+            raise AssertionError("a row lacks an ancestor of one of its nodes")
+        seen = torch.cat([prompts.mask[users][:, None, :].expand(n_rows, width, -1), sees_context, sees_fed], dim=2)
         mask = torch.zeros(seen.shape, dtype=self.dtype, device=self.device)
         mask.masked_fill_(~seen, torch.finfo(self.dtype).min)
         kv = self._kv(prompts, users, cache, torch.from_numpy(slots).to(self.device) if n_context else None)
@@ -408,14 +471,14 @@ class BatchScorer(TitleScorer):
     def _keep(self, rows: list[Row], kv, cache: NodeCache, width: int) -> None:
         at_row = np.concatenate([np.full(len(r.fed), i) for i, r in enumerate(rows)])
         at_pos = np.concatenate([np.arange(len(r.fed)) for r in rows])
-        owners = [(r.user, int(n)) for r in rows for n in r.fed]
+        users = np.concatenate([np.full(len(r.fed), r.user) for r in rows])
         at_row_t, at_pos_t = torch.from_numpy(at_row).to(self.device), torch.from_numpy(at_pos).to(self.device)
         keys, values = [], []
         for layer in kv.layers:  # the fed nodes are the last `width` positions of every row
             fed_k, fed_v = layer.keys[:, :, -width:], layer.values[:, :, -width:]
             keys.append(fed_k[at_row_t, :, at_pos_t])
             values.append(fed_v[at_row_t, :, at_pos_t])
-        cache.keep(owners, keys, values)
+        cache.keep(users, np.concatenate([r.fed for r in rows]), keys, values)
 
     def _children_logp(self, rows: list[Row], hidden: torch.Tensor) -> list[np.ndarray]:
         """The head on the expanded nodes only, in chunks; each scores its children."""
@@ -479,7 +542,7 @@ class BatchScorer(TitleScorer):
         score at least the target."""
         batch = self.prompts([self.prompt_ids(p) for p in prompts])
         trees = self._trees(titles)
-        cache = self.node_cache(batch, sum(len(t.inner) for t in trees))
+        cache = self.node_cache(batch, trees)
         scores = []  # path score of every node whose parent was expanded; -inf for the others
         for u, tree in enumerate(trees):
             known = np.full(tree.size, -np.inf)
@@ -536,27 +599,25 @@ class BatchScorer(TitleScorer):
         batch = self.prompts([self.prompt_ids(p) for p in prompts])
         if exhaustive:
             return [_best(scores, k) for scores in self.tree_scores(batch, [tree] * len(prompts))]
-        cache = self.node_cache(batch, len(prompts) * len(tree.inner))
+        cache = self.node_cache(batch, [tree] * len(prompts))
         searches = [BestFirst(tree, k, frontier) for _ in prompts]
         firsts = tree.children_of(np.array([0]))
         for u, search in enumerate(searches):
             search.expand(np.array([0]), np.zeros(1), batch.first[u, tree.token[firsts]].astype(np.float64))
             search.trim()
         steps = {u: search.advance(beam) for u, search in enumerate(searches)}
-        steps = {u: popped for u, popped in steps.items() if popped}
-        while steps:
-            rows, prefix_scores = [], {}
-            for u, popped in steps.items():
-                prefix_scores[u] = dict(popped)
-                rows += [Row(u, tree, fed, expanded, context) for fed, expanded, context in
-                         tree.cover([n for n, _ in popped], self.row_nodes, cache.kept(u))]
-            for row, logp in self.run(batch, rows, cache):
-                scores = np.array([prefix_scores[row.user][n] for n in row.expanded.tolist()])
-                searches[row.user].expand(row.expanded, scores, logp)
+        while steps := {u: (nodes, scores) for u, (nodes, scores) in steps.items() if len(nodes)}:
+            users = np.concatenate([np.full(len(nodes), u) for u, (nodes, _) in steps.items()])
+            nodes = np.concatenate([nodes for nodes, _ in steps.values()])
+            scores = np.concatenate([scores for _, scores in steps.values()])
+            order = np.lexsort((nodes, users))  # by user, then node: rows' expanded nodes are sorted
+            users, nodes, scores = users[order], nodes[order], scores[order]
+            for row, logp in self.run(batch, self._search_rows(tree, users, nodes, cache), cache):
+                at = row.first + np.searchsorted(nodes[row.first:row.first + len(row.expanded)], row.expanded)
+                searches[row.user].expand(row.expanded, scores[at], logp)
             for u in steps:
                 searches[u].trim()
             steps = {u: searches[u].advance(beam) for u in steps}
-            steps = {u: popped for u, popped in steps.items() if popped}
         self.stats["peak_frontier"] = max([self.stats["peak_frontier"]] + [s.peak for s in searches])
         blocked = [u for u, s in enumerate(searches) if s.blocked]
         results = [s.results for s in searches]
@@ -566,6 +627,33 @@ class BatchScorer(TitleScorer):
             for u, scores in zip(blocked, exact):
                 results[u] = _best(scores, k)
         return results
+
+    def _search_rows(self, tree: PrefixTree, users: np.ndarray, nodes: np.ndarray, cache: NodeCache) -> list[Row]:
+        """Rows that expand `nodes[i]` for `users[i]` (sorted by user, then node), all users at once. Each
+        popped prefix's ancestors were fed in earlier steps; while the cache holds them all, a row feeds
+        only its user's next `row_nodes` prefixes and takes the union of their ancestors as context. A row's
+        `first` is the position of its first node in `nodes`."""
+        index, above = tree.ancestors_of(nodes)
+        if not cache.all_kept(users[index], above):  # the cache is full: rows feed the ancestors it lacks
+            rows = []
+            for u in np.unique(users).tolist():
+                at = np.flatnonzero(users == u)
+                for fed, expanded, context in tree.cover(nodes[at], self.row_nodes, cache.kept(u)):
+                    rows.append(Row(u, tree, fed, expanded, context, first=int(at[0]) + int(
+                        np.searchsorted(nodes[at], expanded[0]))))
+            return rows
+        user_start = np.flatnonzero(np.concatenate([[True], users[1:] != users[:-1]]))
+        rank = np.arange(len(nodes)) - np.repeat(user_start, np.diff(np.append(user_start, len(nodes))))
+        new_row = (rank % self.row_nodes) == 0  # a user's first node, and every row_nodes-th after it
+        row_of = np.cumsum(new_row) - 1
+        starts = np.append(np.flatnonzero(new_row), len(nodes))
+        # each row's context: the distinct ancestors of its nodes that it does not feed itself
+        pairs = np.unique(row_of[index] * tree.size + above)
+        pairs = pairs[~np.isin(pairs, row_of * tree.size + nodes, assume_unique=True)]
+        context_row, context_node = np.divmod(pairs, tree.size)
+        bounds = np.searchsorted(context_row, np.arange(len(starts)))
+        return [Row(int(users[lo]), tree, nodes[lo:hi], nodes[lo:hi], context_node[bounds[r]:bounds[r + 1]], first=lo)
+                for r, (lo, hi) in enumerate(zip(starts[:-1], starts[1:]))]
 
     def _subset(self, prompts: Prompts, users: list[int]) -> Prompts:
         index = torch.tensor(users, device=self.device)
