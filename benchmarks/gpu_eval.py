@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cprec.data.synthetic import SyntheticConfig, SyntheticWorld  # noqa: E402
 from cprec.data.template import render_example  # noqa: E402
 from cprec.eval.batched import BatchScorer, PrefixTree  # noqa: E402
-from cprec.eval.evaluate import TOP_K, load_model, resolve_device  # noqa: E402
+from cprec.eval.evaluate import TOP_K, load_model, node_cache_default, resolve_device  # noqa: E402
 from cprec.eval.metrics import rank_against_ties  # noqa: E402
 
 BUDGET = 511  # prompt tokens, as `cprec quickstart` prepares MovieLens for SmolLM2
@@ -93,7 +93,7 @@ def scorer_for(device, dtype, args) -> BatchScorer:
     else:
         model, tok = load_model(args.model, device, dtype)
     return BatchScorer(model, tok, row_nodes=args.row_nodes, tokens_per_pass=args.tokens_per_pass,
-                       node_cache_bytes=args.node_cache_mb << 20)
+                       node_cache_bytes=(args.node_cache_mb or node_cache_default(device)) << 20)
 
 
 def agreement(a: dict, b: dict, rows: list[dict]) -> dict:
@@ -114,7 +114,8 @@ def main():
     parser.add_argument("--frontier", type=int, default=50_000)
     parser.add_argument("--row-nodes", dest="row_nodes", type=int, default=256)
     parser.add_argument("--tokens-per-pass", dest="tokens_per_pass", type=int, default=32768)
-    parser.add_argument("--node-cache-mb", dest="node_cache_mb", type=int, default=8192)
+    parser.add_argument("--node-cache-mb", dest="node_cache_mb", type=int, default=None,
+                        help="default: cprec evaluate's (a third of the GPU's free memory)")
     parser.add_argument("--check-users", dest="check_users", type=int, default=4)
     parser.add_argument("--exhaustive-users", dest="exhaustive_users", type=int, default=128)
     parser.add_argument("--model", default="smollm2", help="smollm2, a Hugging Face folder, or random:DIR")
