@@ -174,12 +174,8 @@ class PrefixTree:
         index, above = self.ancestors_of(nodes)
         if kept is not None and kept[above].all():
             # a search's usual case, vectorised: every ancestor's K/V is kept, so a row feeds only its nodes
-            rows = []
-            for lo in range(0, len(nodes), row_nodes):
-                run = nodes[lo:lo + row_nodes]
-                context = sorted_unique(above[(index >= lo) & (index < lo + row_nodes)])
-                rows.append((run, run, np.setdiff1d(context, run, assume_unique=True)))
-            return rows
+            contexts = self.row_contexts(nodes, np.arange(len(nodes)) // row_nodes, index, above)
+            return [(nodes[r * row_nodes:(r + 1) * row_nodes],) * 2 + (context,) for r, context in enumerate(contexts)]
         is_kept = (lambda a: False) if kept is None else (lambda a: bool(kept[a]))
         rows, fed, context, expanded = [], set(), set(), []
         for node in nodes.tolist():
@@ -197,6 +193,19 @@ class PrefixTree:
         if expanded:
             rows.append(_row(fed, expanded, context))
         return rows
+
+    def row_contexts(self, nodes: np.ndarray, row_of: np.ndarray, index: np.ndarray, above: np.ndarray
+                     ) -> list[np.ndarray]:
+        """For rows that feed only their own nodes (`nodes[i]` in row `row_of[i]`, rows numbered 0, 1, ... in
+        order; (index, above) = `ancestors_of(nodes)`), each row's context: the distinct ancestors of its
+        nodes that it does not feed itself, sorted."""
+        if not len(nodes):
+            return []
+        pairs = sorted_unique(row_of[index] * self.size + above)
+        pairs = pairs[~np.isin(pairs, row_of * self.size + nodes, assume_unique=True)]
+        context_row, context_node = np.divmod(pairs, self.size)
+        bounds = np.searchsorted(context_row, np.arange(int(row_of[-1]) + 2))
+        return [context_node[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
 
     def path_scores(self, edge: np.ndarray) -> np.ndarray:
         """[..., nodes] log-probability of each node's token after its parent -> summed along each path."""
@@ -652,15 +661,10 @@ class BatchScorer(TitleScorer):
         user_start = np.flatnonzero(np.concatenate([[True], users[1:] != users[:-1]]))
         rank = np.arange(len(nodes)) - np.repeat(user_start, np.diff(np.append(user_start, len(nodes))))
         new_row = (rank % self.row_nodes) == 0  # a user's first node, and every row_nodes-th after it
-        row_of = np.cumsum(new_row) - 1
         starts = np.append(np.flatnonzero(new_row), len(nodes))
-        # each row's context: the distinct ancestors of its nodes that it does not feed itself
-        pairs = sorted_unique(row_of[index] * tree.size + above)
-        pairs = pairs[~np.isin(pairs, row_of * tree.size + nodes, assume_unique=True)]
-        context_row, context_node = np.divmod(pairs, tree.size)
-        bounds = np.searchsorted(context_row, np.arange(len(starts)))
-        return [Row(int(users[lo]), tree, nodes[lo:hi], nodes[lo:hi], context_node[bounds[r]:bounds[r + 1]], first=lo)
-                for r, (lo, hi) in enumerate(zip(starts[:-1], starts[1:]))]
+        contexts = tree.row_contexts(nodes, np.cumsum(new_row) - 1, index, above)
+        return [Row(int(users[lo]), tree, nodes[lo:hi], nodes[lo:hi], context, first=lo)
+                for lo, hi, context in zip(starts[:-1], starts[1:], contexts)]
 
     def _subset(self, prompts: Prompts, users: list[int]) -> Prompts:
         index = torch.tensor(users, device=self.device)
