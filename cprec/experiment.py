@@ -26,7 +26,6 @@ for the life of its process. Evaluation and SASRec run in this process.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -141,11 +140,10 @@ class Stages:
         return self.path(name).is_file()
 
     def mark(self, name: str, seconds: float, **info) -> None:
-        path = self.path(name)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"stage": name, "seconds": round(seconds, 2), "finished": time.time(), **info},
-                                  indent=2) + "\n")
-        os.replace(tmp, path)
+        from cprec.checkpoint import write_json_atomic
+
+        write_json_atomic(self.path(name), {"stage": name, "seconds": round(seconds, 2), "finished": time.time(),
+                                            **info})
 
     def run(self, name: str, fn):
         """Run `fn` unless `name` is done; its marker is written after it returns."""
@@ -263,11 +261,10 @@ class Experiment:
 
     def domains(self) -> list[tuple[str, str]]:
         """(domain, slug) of the evaluated held-out domains."""
-        from cprec.data.prepared import Prepared
         from cprec.eval.evaluate import downstream_domains
 
         manifest, names = downstream_domains(self.prepared, self.cfg.eval)
-        return [(d, Prepared(self.prepared).slug(d)) for d in names]
+        return [(d, manifest["domains"]["streams"][d]) for d in names]  # as Prepared.slug reads it
 
     def prepare(self) -> dict:
         from cprec.data.prepare import prepare

@@ -23,15 +23,12 @@ PROTOCOL = "full"  # the primary protocol: the statistics are computed on it
 
 def read_full_ranks(folder: Path) -> dict[str, int | None]:
     """user -> the target's rank under full ranking, in test order, from an evaluation folder's ranks.jsonl."""
-    path = folder / "ranks.jsonl"
+    from cprec.eval.ranks import RANKS_FILE, read_final
+
+    path = folder / RANKS_FILE
     if not path.is_file():
         raise CPRecError(f"{path}: missing; the evaluation did not finish (run the experiment again)")
-    out = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        rec = json.loads(line)
-        if rec["protocol"] == PROTOCOL:
-            out[str(rec["user"])] = rec["rank"]
-    return out
+    return {str(rec["user"]): rec["rank"] for rec in read_final(folder) if rec["protocol"] == PROTOCOL}
 
 
 def collect(exp) -> tuple[dict, dict, str]:
@@ -39,9 +36,10 @@ def collect(exp) -> tuple[dict, dict, str]:
     ranks: dict = {}
     seeds: dict = {}
     splits = {"prepared": split_kind(read_manifest(exp.prepared))}
+    domains = exp.domains()
     for model, runs in exp.runs().items():
         seeds[model] = [s for s, _ in runs]
-        for domain, slug in exp.domains():
+        for domain, slug in domains:
             for seed, _ in runs:
                 folder = exp.eval_dir(model, seed, slug)
                 if not (folder / "results.json").is_file():

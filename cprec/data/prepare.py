@@ -45,13 +45,13 @@ from tqdm import tqdm
 from cprec import __version__
 from cprec.config import to_dict
 from cprec.data import cleaning, template
-from cprec.data.prepared import MIXED_STREAM, is_prepared, stream_name
+from cprec.data.prepared import LEAVE_ONE_OUT, MIXED_STREAM, is_prepared, stream_name
 from cprec.data.readers import AmazonReviews, MovieLens1M, TableSource
 from cprec.data.rejects import RejectLog
 from cprec.data.synthetic import SyntheticConfig, SyntheticWorld
 from cprec.errors import CPRecError
 
-SPLITS_KINDS = ("leave-one-out", "chronological")
+SPLITS_KINDS = (LEAVE_ONE_OUT, "chronological")
 SOURCES = ("movielens-1m", "amazon2018", "amazon2023", "csv", "parquet", "synthetic")
 # The seven largest first-genres of MovieLens-1M pre-train; three others are the unseen downstream domains.
 MOVIELENS_PRETRAIN = ["Comedy", "Action", "Drama", "Horror", "Adventure", "Crime", "Animation"]
@@ -82,7 +82,7 @@ class PrepareConfig:
     min_downstream_items: int = 3  # a downstream user needs train prefix + valid + test
     sft_examples_per_user: int = 10  # fine-tuning targets per user, newest of the training prefix
     max_reject_fraction: float = 0.01
-    split: str = "leave-one-out"  # or chronological: the held-out domains cut 8:1:1 by time (module docstring)
+    split: str = LEAVE_ONE_OUT  # or chronological: the held-out domains cut 8:1:1 by time (module docstring)
     split_ratios: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # chronological: train, valid, test
 
     def validate(self) -> None:
@@ -271,8 +271,8 @@ def _jsonl(fh, record: dict) -> None:
 def split_record(cfg: PrepareConfig, data: _Log, domains, stamps, downstream) -> dict:
     """The manifest's `split`: its kind and, for the chronological one, each held-out domain's two cut times
     (interactions before the first train, from the second on test) and how many interactions fall in each."""
-    if cfg.split == "leave-one-out":
-        return {"kind": "leave-one-out"}
+    if cfg.split == LEAVE_ONE_OUT:
+        return {"kind": LEAVE_ONE_OUT}
     record = {"kind": "chronological", "ratios": list(cfg.split_ratios), "cuts": {}, "interactions": {}}
     for domain in downstream:
         times = np.sort(stamps[domains == data.domain_ids[domain]])

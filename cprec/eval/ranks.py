@@ -59,6 +59,11 @@ def _read_lines(path: Path, torn_ok: bool) -> list[dict]:
     return out
 
 
+def read_final(out: Path) -> list[dict]:
+    """The records of a finished evaluation's ranks.jsonl (a cut-short or damaged file is named)."""
+    return _read_lines(out / RANKS_FILE, torn_ok=False)
+
+
 def read_done(out: Path) -> dict[tuple, dict]:
     """Every user already ranked in `out` (by key): the final file and the partial files of any rank."""
     done = {}
