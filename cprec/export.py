@@ -6,8 +6,8 @@ to the tokenizer files the run kept. `AutoModelForCausalLM.from_pretrained(out)`
 
 The output folder is CPRec's only when it holds `cprec_export.json` (an earlier export): such a folder is
 replaced with `overwrite=True` and refused otherwise; any other non-empty folder is refused before any work,
-never removed. The new folder is written beside it and renamed into place, so a failed export leaves the old
-one as it was.
+never removed. The new folder is written beside it and renamed into place (`cprec.staging`), so a failed
+export leaves the old one as it was.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 
 from cprec import checkpoint as ckpt
+from cprec import staging
 from cprec.errors import CPRecError
 
 
@@ -43,6 +44,7 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "float32", over
 
     checkpoint, out = Path(checkpoint), Path(out)
     check_output(out, overwrite)
+    staging.check(out, EXPORT_MARKER)  # before the consolidation: its siblings must be CPRec's too
     state = ckpt.read_state(checkpoint)  # refuses an incomplete checkpoint
     ckpt.verify_files(checkpoint)  # names a truncated or corrupted file
     run = checkpoint.parent.parent
@@ -65,8 +67,7 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "float32", over
     if tied:
         model.tie_weights()
     model = model.to(getattr(torch, dtype))
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging.begin(out, EXPORT_MARKER)
     model.save_pretrained(str(tmp), safe_serialization=True)
     for f in model_dir.iterdir():
         if f.name != "config.json" and f.is_file():
@@ -75,12 +76,5 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "float32", over
                                                  "phase": state["phase"], "lineage": state["lineage"],
                                                  "config_hash": state["config_hash"]}, indent=2) + "\n")
     check_output(out, overwrite)  # again: the folder may have been filled while the weights were consolidated
-    if out.exists():
-        old = out.with_name(out.name + ".replaced")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out)
+    staging.commit(tmp, out, EXPORT_MARKER)
     return out

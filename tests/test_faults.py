@@ -597,6 +597,13 @@ def test_export_never_removes_a_folder_that_is_not_an_earlier_export(tiny):
     _refused(_cli("export", last, "--out", tiny / "hf_once", check=False), "--overwrite")
     _cli("export", run / "checkpoints" / _ckpt.tag_for(2), "--out", tiny / "hf_once", "--overwrite")
     assert _json.loads((tiny / "hf_once" / "cprec_export.json").read_text())["step"] == 2
+    mine = tiny / "hf_once.partial"  # a folder of the user's, named like export's staging folder
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    _refused(_cli("export", last, "--out", tiny / "hf_once", "--overwrite", check=False),
+             "hf_once.partial exists and is not a folder CPRec was writing")
+    assert (mine / "notes.txt").read_text() == "mine"
+    assert _json.loads((tiny / "hf_once" / "cprec_export.json").read_text())["step"] == 2
 
 
 def test_a_refused_resume_writes_nothing_and_names_the_changed_keys(tiny):
@@ -824,6 +831,37 @@ def test_prepare_overwrite_replaces_only_an_earlier_prepare_output(tmp_path):
     prepare(cfg, tmp_path / "prepared")
     prepare(cfg, tmp_path / "prepared", overwrite=True)  # an earlier output of prepare is replaced
     assert (tmp_path / "prepared" / "manifest.json").is_file()
+
+
+def test_prepare_never_removes_a_users_folder_named_like_its_staging_siblings(tmp_path):
+    """`<out>.partial` and `<out>.replaced` are removed only when CPRec made them (`cprec.staging`)."""
+    from cprec.config import from_dict
+    from cprec.data.prepare import PrepareConfig, prepare
+    from cprec.errors import CPRecError
+    from cprec.staging import STAGING_MARKER
+    from tests.conftest import SMALL_WORLD
+
+    cfg = from_dict(PrepareConfig, {"source": "synthetic", "synthetic": SMALL_WORLD, "k_core": 2})
+    out, partial, replaced = tmp_path / "prepared", tmp_path / "prepared.partial", tmp_path / "prepared.replaced"
+    partial.mkdir()
+    (partial / "thesis.tex").write_text("mine")
+    with pytest.raises(CPRecError, match="prepared.partial exists and is not a folder CPRec was writing"):
+        prepare(cfg, out)
+    assert (partial / "thesis.tex").read_text() == "mine" and not out.exists()
+    (partial / "thesis.tex").rename(tmp_path / "thesis.tex")
+    (partial / STAGING_MARKER).touch()  # what a killed prepare leaves: removed, and the run goes on
+    (partial / "documents").mkdir()
+    prepare(cfg, out)
+    assert (out / "manifest.json").is_file() and not partial.exists() and not (out / STAGING_MARKER).exists()
+    replaced.mkdir()
+    (replaced / "notes.txt").write_text("mine")
+    with pytest.raises(CPRecError, match="prepared.replaced exists and is not an earlier output"):
+        prepare(cfg, out, overwrite=True)
+    assert (replaced / "notes.txt").read_text() == "mine" and (out / "manifest.json").is_file()
+    (replaced / "notes.txt").unlink()
+    (replaced / "manifest.json").write_text("{}")  # an earlier output a killed replacement set aside
+    prepare(cfg, out, overwrite=True)
+    assert not replaced.exists() and not partial.exists() and (out / "manifest.json").is_file()
 
 
 # ================================================================ anneal sweeps

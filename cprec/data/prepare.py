@@ -1,6 +1,6 @@
 """The prepare stage: raw multi-domain logs -> cleaned behaviour, rendered documents and downstream splits.
 
-Output directory (written under `<out>.partial` and renamed when complete):
+Output directory (written under `<out>.partial` and renamed when complete: `cprec.staging`):
 
     manifest.json                 source (files, each interaction file's timestamp unit), resolved config,
                                   template version, domains, counts, percentiles
@@ -34,7 +34,6 @@ from __future__ import annotations
 import array
 import collections
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,10 +41,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cprec import __version__
+from cprec import __version__, staging
 from cprec.config import to_dict
 from cprec.data import cleaning, template
-from cprec.data.prepared import LEAVE_ONE_OUT, MIXED_STREAM, is_prepared, stream_name
+from cprec.data.prepared import LEAVE_ONE_OUT, MANIFEST, MIXED_STREAM, is_prepared, stream_name
 from cprec.data.readers import AmazonReviews, MovieLens1M, TableSource
 from cprec.data.rejects import RejectLog
 from cprec.data.synthetic import SyntheticConfig, SyntheticWorld
@@ -405,9 +404,7 @@ def prepare(cfg: PrepareConfig, out: str | Path, overwrite: bool = False) -> dic
     _check_output(out, overwrite)
     source = make_source(cfg)
     budget = Budget(cfg)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = staging.begin(out, MANIFEST)
     started = time.perf_counter()
 
     log = RejectLog(tmp / "rejects.jsonl")
@@ -463,9 +460,7 @@ def prepare(cfg: PrepareConfig, out: str | Path, overwrite: bool = False) -> dic
         "rejects": log.summary(), "filtered": dict(sorted(filtered.items())),
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    staging.commit(tmp, out, MANIFEST)
     manifest["seconds"] = round(time.perf_counter() - started, 2)  # reported, never written: outputs stay byte-identical
     return manifest
 
