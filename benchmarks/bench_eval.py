@@ -1,18 +1,23 @@
 """Evaluation speed on this CPU: the one-user path against the batched path, side by side, in one run.
 
 Prints:
-  * SmolLM2-135M on MovieLens-1M test users of one genre (prepared by `cprec prepare`'s own code): users/s
-    of sampled scoring (target + up to 99 negatives) and of full ranking (exact top-20 of the genre's
-    catalogue, both paths scoring every title as `cprec evaluate` does below exhaustive_below=500), one user
-    at a time (`TitleScorer`, what `cprec evaluate` ran before batching; batch_size=64 candidates) and
-    batched (`BatchScorer`, all the users at once), in fp32, with how many users get the same rank; also the
-    batched paths that expand fewer prefixes (pruned sampled ranking, best-first search) and bf16 on this
-    CPU (AMX; `--dtype bfloat16`);
+  * SmolLM2-135M on MovieLens-1M test users of one genre (prepared by `cprec prepare`'s own code), in the
+    batches `cprec evaluate` forms (`plan`: users grouped by prompt length, `batch_users` of them per batch,
+    the CPU defaults of `sized_for`; `--units` of these batches drawn at random): users/s of sampled scoring
+    (target + up to 99 negatives) and of full ranking (exact top-20 of the genre's catalogue), one user at a
+    time (`TitleScorer`, what `cprec evaluate` ran before batching; 64 candidates per pass) and batched
+    (`BatchScorer`), in fp32, with how many users get the same rank: every title (candidate) scored, and
+    only the prefixes that can matter expanded (pruned sampled ranking, best-first search), the row
+    `cprec evaluate` runs by default marked (`exhaustive_below`); and bf16 on this CPU (AMX; `--dtype
+    bfloat16`);
+  * the compute bound, measured in the same run: each path's linear-layer GFLOP per user (from the tokens
+    it fed), the rate it reached against this CPU's fp32 matmul rate, and the largest speed-up over the
+    one-user path that the fewest FLOPs of any exact batched path here would allow at the full matmul rate;
   * a generated 20,000-title catalogue with a tiny random model (peaked, as trained models are): seconds
     per user of exhaustive scoring and of best-first search, uncapped and with a frontier cap, with the
     peak frontier, how many users the cap sent to exhaustive scoring, and whether every top-20 agrees.
 
-Run: python benchmarks/bench_eval.py [--users 8] [--domain Thriller] [--threads 2] [--large-users 2]
+Run: python benchmarks/bench_eval.py [--units 2] [--domain Thriller] [--threads 2] [--large-users 2]
 """
 
 import argparse
@@ -26,7 +31,7 @@ import torch
 from cprec.data.prepare import PrepareConfig, prepare
 from cprec.data.template import render_example
 from cprec.eval.batched import BatchScorer, PrefixTree
-from cprec.eval.evaluate import TOP_K, Downstream, EvalConfig, load_model
+from cprec.eval.evaluate import TOP_K, Downstream, EvalConfig, load_model, plan, sized_for
 from cprec.eval.metrics import rank_against_ties
 from cprec.eval.scoring import TitleTrie
 
@@ -46,65 +51,112 @@ def matmul_gflops(threads: int) -> float:
     return 20 * 2 * 2048 * 576 * 1536 / seconds / 1e9
 
 
-def linear_gflop_per_user(model, tokens: float) -> float:
-    """GFLOP of the linear layers (decoder weights and the head; attention scores left out) for `tokens`."""
-    body = sum(p.numel() for name, p in model.named_parameters() if "embed" not in name)
-    head = model.get_output_embeddings().weight.numel()
-    return 2 * (body + head) * tokens / 1e9
+class LinearWork:
+    """GFLOP of a model's linear layers (decoder weights and head; attention scores left out)."""
+
+    def __init__(self, model):
+        self.body = sum(p.numel() for name, p in model.named_parameters() if "embed" not in name)
+        self.head = model.get_output_embeddings().weight.numel()
+
+    def gflop(self, decoder_tokens: float, head_tokens: float) -> float:
+        return 2 * (self.body * decoder_tokens + self.head * head_tokens) / 1e9
+
+
+def one_user_tokens(scorer, prompt_ids: list[int], lines: list[list[int]]) -> tuple[int, int]:
+    """(decoder positions, head positions) the one-user path feeds: the prompt, then each batch of 64 lines
+    right-padded to its longest, the head on every position."""
+    fed = len(prompt_ids)
+    for lo in range(0, len(lines), scorer.batch_size):
+        chunk = lines[lo:lo + scorer.batch_size]
+        fed += len(chunk) * (max(map(len, chunk)) - 1)
+    return fed, fed
 
 
 def movielens(args) -> list[str]:
+    cfg = sized_for(EvalConfig(protocol="full"), torch.device("cpu"))
     with tempfile.TemporaryDirectory() as tmp:
         manifest = prepare(PrepareConfig(tokenizer="smollm2", window_tokens=511), Path(tmp) / "ml")
         model, tok = load_model("smollm2")
-        scorer = BatchScorer(model, tok, row_nodes=args.row_nodes, tokens_per_pass=args.tokens_per_pass)
+        scorer = BatchScorer(model, tok, cfg.row_nodes, cfg.tokens_per_pass, cfg.node_cache_mb << 20)
         scorer.batch_size = 64  # the one-user path's candidates per batch (EvalConfig.batch_size before batching)
         cost = lambda line: len(tok(line, add_special_tokens=False)["input_ids"])  # noqa: E731
-        ds = Downstream(Path(tmp) / "ml", manifest, args.domain, EvalConfig(users=args.users), cost)
-    prompts = [ds.prompt(r) for r in ds.test]
-    cands = [ds.candidates(r, 99, 0) for r in ds.test]
-    n = len(prompts)
+        ds = Downstream(Path(tmp) / "ml", manifest, args.domain, cfg, cost)
+    every_prompt = [ds.prompt(r) for r in ds.test]
+    lengths = [len(scorer.prompt_ids(p)) for p in every_prompt]
+    units = plan([args.domain], {args.domain: len(ds.test)}, {args.domain: lengths}, cfg)
+    picked = [units[i] for i in sorted(np.random.default_rng(0).choice(len(units), args.units, replace=False))]
+    users = [i for unit in picked for i in unit.users]
+    prompts = [every_prompt[i] for i in users]
+    cands = [ds.candidates(ds.test[i], cfg.negatives, cfg.seed) for i in users]
+    n = len(users)
+    slices = [slice(lo, lo + len(u.users)) for lo, u in zip(np.cumsum([0] + [len(u.users) for u in picked]), picked)]
+
+    def per_batch(fn):
+        """fn(prompts, candidates) of each drawn batch in turn, as `cprec evaluate` runs them; timed."""
+        return timed(lambda: [x for at in slices for x in fn(prompts[at], cands[at])])
+
     scorer.score_users(prompts[:1], cands[:1])  # warm-up (first-call allocations)
     trie = TitleTrie([scorer.line_ids(t) for t in ds.titles], ds.titles)
     tree = PrefixTree(scorer.lines_ids(ds.titles))
-    targets = [ds.index[r["target"]] for r in ds.test]
+    targets = [ds.index[ds.test[i]["target"]] for i in users]
     sampled_ranks = lambda scores: [rank_against_ties(s, 0) for s in scores]  # noqa: E731
     top_ids = lambda tops: [[i for i, _ in top] for top in tops]  # noqa: E731
     target_ranks = lambda tops: [ids.index(t) if t in ids else None  # noqa: E731
                                  for ids, t in zip(top_ids(tops), targets)]
+    work, fed = LinearWork(model), {}
+
+    def counted(name, fn):
+        scorer.reset_stats()
+        out = per_batch(fn)
+        fed[name] = (scorer.stats["fed_nodes"] / n, scorer.stats["expanded_nodes"] / n)
+        return out
+
     one_s, t_one_s = timed(lambda: [scorer.score(p, c) for p, c in zip(prompts, cands)])
-    batch_s, t_batch_s = timed(lambda: scorer.score_users(prompts, cands))
-    pruned_s, t_pruned_s = timed(lambda: scorer.rank_users(prompts, cands))
-    one_f, t_one_f = timed(lambda: [scorer.top_k(p, trie, TOP_K, exhaustive_below=500) for p in prompts])
-    batch_f, t_batch_f = timed(lambda: scorer.top_k_users(prompts, tree, TOP_K, exhaustive=True))
-    search_f, t_search_f = timed(lambda: scorer.top_k_users(prompts, tree, TOP_K, beam=20))
+    one_f, t_one_f = timed(lambda: [scorer.top_k(p, trie, TOP_K, exhaustive_below=500)  # as before batching
+                                    for p in prompts])
+    batch_s, t_batch_s = counted("sampled", scorer.score_users)
+    pruned_s, t_pruned_s = counted("pruned", scorer.rank_users)
+    batch_f, t_batch_f = counted("full", lambda p, _: scorer.top_k_users(p, tree, TOP_K, exhaustive=True))
+    search_f, t_search_f = counted("search", lambda p, _: scorer.top_k_users(p, tree, TOP_K, beam=cfg.beam))
     diff = max(float(np.abs(a - b).max()) for a, b in zip(one_s, batch_s))
     model16, _ = load_model("smollm2", dtype=torch.bfloat16)
-    bf16 = BatchScorer(model16, tok, row_nodes=args.row_nodes, tokens_per_pass=args.tokens_per_pass)
+    bf16 = BatchScorer(model16, tok, cfg.row_nodes, cfg.tokens_per_pass, cfg.node_cache_mb << 20)
     bf16.score_users(prompts[:1], cands[:1])
-    bf16_s, t_bf16_s = timed(lambda: bf16.score_users(prompts, cands))
-    bf16_f, t_bf16_f = timed(lambda: bf16.top_k_users(prompts, tree, TOP_K, exhaustive=True))
-    tokens = np.mean([len(scorer.prompt_ids(p)) for p in prompts])
-    title_tokens = sum(map(len, scorer.lines_ids(ds.titles)))
-    work = linear_gflop_per_user(model, tokens + title_tokens)  # the one-user path feeds every title's line
+    bf16_s, t_bf16_s = per_batch(bf16.score_users)
+    bf16_f, t_bf16_f = per_batch(lambda p, _: bf16.top_k_users(p, tree, TOP_K, exhaustive=True))
     peak = matmul_gflops(torch.get_num_threads())
+    prompt_tokens = np.mean([len(scorer.prompt_ids(p)) for p in prompts])
+    title_ids = scorer.lines_ids(ds.titles)
+    one_gflop = {  # per user: what the one-user path fed
+        "sampled": np.mean([work.gflop(*one_user_tokens(scorer, scorer.prompt_ids(p), scorer.lines_ids(c)))
+                            for p, c in zip(prompts, cands)]),
+        "full": np.mean([work.gflop(*one_user_tokens(scorer, scorer.prompt_ids(p), title_ids)) for p in prompts])}
+    gflop = {name: work.gflop(prompt_tokens + nodes, 1 + expanded) for name, (nodes, expanded) in fed.items()}
     row = lambda what, t_one, t_new, same: (  # noqa: E731
         f"| {what} | {n / t_one:.3f} | {n / t_new:.3f} | {t_one / t_new:.1f}x | {same} |")
     same = lambda a, b: f"{sum(x == y for x, y in zip(a, b))}/{n}"  # noqa: E731
+    rate = lambda g, t: f"{g:.0f} GFLOP/user, {g * n / t:.0f} GFLOP/s ({g * n / t / peak:.0%})"  # noqa: E731
+    fewest = {"sampled": min(gflop["sampled"], gflop["pruned"]), "full": min(gflop["full"], gflop["search"])}
+    bound = {p: (t_one_s if p == "sampled" else t_one_f) / n / (fewest[p] / peak) for p in fewest}
+    whole_s, whole_f = max(map(len, cands)) < cfg.exhaustive_below, len(ds.titles) < cfg.exhaustive_below
+    mark = lambda default: " (`cprec evaluate`'s default here)" if default else ""  # noqa: E731
+    spread = [f"{min(lengths[i] for i in u.users)}-{max(lengths[i] for i in u.users)}" for u in picked]
     return [
         f"SmolLM2-135M, {torch.get_num_threads()} threads, MovieLens-1M {args.domain} ({len(ds.titles)} items, "
-        f"{tree.size - 1} prefix-tree nodes for {sum(map(len, scorer.lines_ids(ds.titles)))} title tokens), {n} "
-        f"test users, mean prompt {tokens:.0f} tokens; batched: all {n} users at once, row_nodes={args.row_nodes}, "
-        f"tokens_per_pass={args.tokens_per_pass}", "",
+        f"{tree.size - 1} prefix-tree nodes for {sum(map(len, title_ids))} title tokens), {len(ds.test)} test "
+        f"users in {len(units)} batches of {cfg.batch_users} as `cprec evaluate` plans them; {len(picked)} "
+        f"batches drawn ({n} users, prompts of {', '.join(spread)} tokens, mean {prompt_tokens:.0f}); "
+        f"row_nodes={cfg.row_nodes}, tokens_per_pass={cfg.tokens_per_pass}, beam={cfg.beam}, "
+        f"exhaustive_below={cfg.exhaustive_below}", "",
         "| what | one user at a time, fp32, every title (users/s) | batched (users/s) | speed-up | same target rank |",
         "|---|---|---|---|---|",
-        row(f"sampled ({np.mean([len(c) for c in cands]):.0f} candidates), every candidate scored, fp32", t_one_s,
-            t_batch_s, same(sampled_ranks(one_s), sampled_ranks(batch_s))),
-        row("sampled, batched: only prefixes scoring at least the target expanded, fp32", t_one_s, t_pruned_s,
-            same(sampled_ranks(one_s), pruned_s)),
-        row(f"full ranking, exact top-20 of {len(ds.titles)} by scoring every title, fp32", t_one_f, t_batch_f,
-            same(target_ranks(one_f), target_ranks(batch_f))),
-        row("full ranking, batched best-first search (beam 20), fp32", t_one_f, t_search_f,
+        row(f"sampled ({np.mean([len(c) for c in cands]):.0f} candidates), every candidate scored{mark(whole_s)}, "
+            f"fp32", t_one_s, t_batch_s, same(sampled_ranks(one_s), sampled_ranks(batch_s))),
+        row(f"sampled, only prefixes scoring at least the target expanded{mark(not whole_s)}, fp32", t_one_s,
+            t_pruned_s, same(sampled_ranks(one_s), pruned_s)),
+        row(f"full ranking, exact top-20 of {len(ds.titles)} by scoring every title{mark(whole_f)}, fp32",
+            t_one_f, t_batch_f, same(target_ranks(one_f), target_ranks(batch_f))),
+        row(f"full ranking, best-first search (beam {cfg.beam}){mark(not whole_f)}, fp32", t_one_f, t_search_f,
             same(target_ranks(one_f), target_ranks(search_f))),
         row("sampled, bf16 on this CPU (`--dtype bfloat16`)", t_one_s, t_bf16_s,
             same(sampled_ranks(one_s), sampled_ranks(bf16_s))),
@@ -114,11 +166,17 @@ def movielens(args) -> list[str]:
         f"{same(top_ids(one_f), top_ids(batch_f))}, best-first fp32 {same(top_ids(one_f), top_ids(search_f))}, "
         f"bf16 {same(top_ids(one_f), top_ids(bf16_f))}; "
         f"largest |score difference| one-user vs batched, fp32 (sampled): {diff:.2e}", "",
-        f"compute bound: the one-user full ranking's linear layers do {work:.0f} GFLOP per user (prompt + "
-        f"{title_tokens} title tokens; attention scores not counted), i.e. {work * n / t_one_f:.0f} GFLOP/s, "
-        f"{work * n / t_one_f / peak:.0%} of this CPU's fp32 matmul rate ({peak:.0f} GFLOP/s at SmolLM2's MLP "
-        f"shape, {torch.get_num_threads()} threads): in fp32 a path that feeds the same tokens can be at most "
-        f"{peak / (work * n / t_one_f):.1f}x faster; 3x needs 3x fewer tokens fed (a search that prunes)"]
+        f"compute bound (linear layers; attention scores not counted; this CPU's fp32 matmul rate {peak:.0f} "
+        f"GFLOP/s at SmolLM2's MLP shape, {torch.get_num_threads()} threads):", "",
+        "| path | tree nodes fed per user | work and rate |", "|---|---|---|",
+        f"| one user, sampled | (every candidate's line, padded) | {rate(one_gflop['sampled'], t_one_s)} |",
+        f"| one user, full ranking | (every title's line, padded) | {rate(one_gflop['full'], t_one_f)} |",
+        f"| batched, sampled, every candidate | {fed['sampled'][0]:.0f} | {rate(gflop['sampled'], t_batch_s)} |",
+        f"| batched, sampled, pruned | {fed['pruned'][0]:.0f} | {rate(gflop['pruned'], t_pruned_s)} |",
+        f"| batched, full, every title | {fed['full'][0]:.0f} | {rate(gflop['full'], t_batch_f)} |",
+        f"| batched, full, best-first | {fed['search'][0]:.0f} | {rate(gflop['search'], t_search_f)} |", "",
+        f"at the full fp32 matmul rate, the fewest FLOPs of an exact batched path here would make it at most "
+        f"{bound['sampled']:.1f}x (sampled) and {bound['full']:.1f}x (full ranking) faster than the one-user path"]
 
 
 def generated_catalogue(args) -> list[str]:
@@ -159,11 +217,10 @@ def generated_catalogue(args) -> list[str]:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--users", type=int, default=8, help="MovieLens test users (default 8)")
+    parser.add_argument("--units", type=int, default=2,
+                        help="batches of MovieLens test users, as cprec evaluate forms them, to time (default 2)")
     parser.add_argument("--domain", default="Thriller")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--row-nodes", dest="row_nodes", type=int, default=256)
-    parser.add_argument("--tokens-per-pass", dest="tokens_per_pass", type=int, default=4096)
     parser.add_argument("--catalogue", type=int, default=20_000, help="titles of the generated catalogue")
     parser.add_argument("--large-users", dest="large_users", type=int, default=2)
     parser.add_argument("--frontier", type=int, nargs="*", default=[4000, 500], help="caps of the capped searches")

@@ -53,7 +53,7 @@ COMPARISONS = [("cpt_sft", "sft"), ("cpt_sft", "sasrec"), ("cpt", "base")]  # (A
 TESTED_METRICS = ["HR@10", "NDCG@10"]
 MARKER = "experiment.json"
 SPEED_KEYS = {"pack_workers", "sizes", "eval.batch_users", "eval.row_nodes", "eval.tokens_per_pass",
-              "eval.node_cache_mb", "eval.beam", "eval.frontier"}  # not eval.device / dtype: bf16 reorders ranks
+              "eval.node_cache_mb", "eval.beam", "eval.frontier", "eval.exhaustive_below"}  # not eval.device / dtype: bf16 reorders ranks
 
 
 @dataclass

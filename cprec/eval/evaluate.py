@@ -55,7 +55,7 @@ class EvalConfig:
     negatives: int = 99
     seed: int = 0
     beam: int | None = None  # prefixes each user expands per search step (None: 20 CPU, 256 GPU); exact either way
-    exhaustive_below: int = 500  # fewer titles (catalogue, or candidates) are all scored: same exact result
+    exhaustive_below: int | None = None  # fewer titles (catalogue, candidates) are all scored (None: 60 CPU, 500 GPU); exact either way
     frontier: int = 50_000  # open prefixes kept per user by the search; past it, cut and checked (still exact)
     batch_users: int | None = None  # users whose prompts and titles share forward passes (None: 16 CPU, 128 GPU)
     row_nodes: int = 256  # prefix-tree nodes per row of a forward pass
@@ -107,11 +107,18 @@ def resolve_device(device: str = "auto", dtype: str = "auto"):
 def sized_for(cfg: EvalConfig, device) -> EvalConfig:
     """The batch sizes left to the device: a GPU takes far larger passes than a CPU. A GPU's search also
     takes a wider beam: a step's bookkeeping costs about the same for 20 prefixes as for 256, and a GPU's
-    pass is short, so fewer, wider steps pay (on a compute-bound CPU a narrow beam feeds fewer nodes)."""
+    pass is short, so fewer, wider steps pay (on a compute-bound CPU a narrow beam feeds fewer nodes).
+
+    Which catalogues are scored whole: on a CPU the time follows the nodes fed, and the search feeds about
+    half of a 90-title MovieLens genre's tree for the top 20 (1.3x faster than scoring every title) but
+    most of a 42-title one (1.2x slower), hence whole below 3 x TOP_K titles. On a GPU a small tree is
+    one pass, whole below 500 (`benchmarks/bench_eval.py`, `benchmarks/gpu_eval.py`)."""
     gpu = device.type == "cuda"
+    exhaustive_below = cfg.exhaustive_below if cfg.exhaustive_below is not None else (500 if gpu else 3 * TOP_K)
     return replace(cfg, batch_users=cfg.batch_users or (128 if gpu else 16),
                    tokens_per_pass=cfg.tokens_per_pass or (32768 if gpu else 4096),
-                   beam=cfg.beam or (256 if gpu else 20), node_cache_mb=cfg.node_cache_mb or node_cache_default(device))
+                   beam=cfg.beam or (256 if gpu else 20), node_cache_mb=cfg.node_cache_mb or node_cache_default(device),
+                   exhaustive_below=exhaustive_below)
 
 
 def node_cache_default(device) -> int:
