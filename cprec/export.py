@@ -24,13 +24,17 @@ from cprec.errors import CPRecError
 EXPORT_MARKER = "cprec_export.json"
 
 
+def is_export(folder: Path) -> bool:
+    return (folder / EXPORT_MARKER).is_file()
+
+
 def check_output(out: Path, overwrite: bool) -> None:
     """Refuse an output folder that is not CPRec's to replace (see the module docstring)."""
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return
     if not out.is_dir():
         raise CPRecError(f"--out {out} is a file; choose a folder that does not exist yet")
-    if not (out / EXPORT_MARKER).is_file():
+    if not is_export(out):
         raise CPRecError(f"--out {out} is a non-empty folder that is not an earlier export (no {EXPORT_MARKER}); "
                          f"CPRec never deletes it: choose a new folder")
     if not overwrite:
@@ -44,7 +48,7 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "float32", over
 
     checkpoint, out = Path(checkpoint), Path(out)
     check_output(out, overwrite)
-    staging.check(out, EXPORT_MARKER)  # before the consolidation: its siblings must be CPRec's too
+    staging.check(out)  # before the consolidation: its siblings must be CPRec's too
     state = ckpt.read_state(checkpoint)  # refuses an incomplete checkpoint
     ckpt.verify_files(checkpoint)  # names a truncated or corrupted file
     run = checkpoint.parent.parent
@@ -67,7 +71,7 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "float32", over
     if tied:
         model.tie_weights()
     model = model.to(getattr(torch, dtype))
-    tmp = staging.begin(out, EXPORT_MARKER)
+    tmp = staging.begin(out)
     model.save_pretrained(str(tmp), safe_serialization=True)
     for f in model_dir.iterdir():
         if f.name != "config.json" and f.is_file():
@@ -76,5 +80,5 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "float32", over
                                                  "phase": state["phase"], "lineage": state["lineage"],
                                                  "config_hash": state["config_hash"]}, indent=2) + "\n")
     check_output(out, overwrite)  # again: the folder may have been filled while the weights were consolidated
-    staging.commit(tmp, out, EXPORT_MARKER)
+    staging.commit(tmp, out, is_export)
     return out

@@ -2,26 +2,32 @@
 
 Contract:
 
-* `begin(out)` makes `<out>.partial`, the folder the stage writes into, with `STAGING_MARKER` inside it from
-  its first moment. A `<out>.partial` left by a killed run holds the marker and is removed; a folder of that
-  name without it is not CPRec's: it is refused, named, and never removed.
-* `commit(staged, out, owner_marker)` puts the staged folder at `out`. An earlier output at `out` (the caller
-  has checked it is its own) is first renamed to `<out>.replaced` and removed only once the new folder is in
-  place, so a kill at any moment leaves the old output or the new one, never neither. A `<out>.replaced` left
-  by such a kill is removed only when it holds `owner_marker` (the file that makes a folder this stage's
-  output: prepare's `manifest.json`, export's `cprec_export.json`); otherwise it is refused.
-* The staging marker is removed from the output right after the rename (a kill between the two leaves an
-  empty hidden file in a complete output, which nothing reads).
+* `check(out)` refuses, before any work, what CPRec must not touch: a symbolic link at `out`, or a
+  `<out>.partial` / `<out>.replaced` that does not hold `STAGING_MARKER` (an empty folder, which a kill can
+  leave, counts as CPRec's). The caller refuses a non-empty `out` that is not its stage's own output.
+* `begin(out)` makes `<out>.partial`, the folder the stage writes into, with the marker inside it
+  from its first moment; one left by a killed run is removed.
+* `commit(staged, out, is_output)` puts the staged folder at `out`. It checks `out` again (it may have been
+  filled while the output was built): it must be missing, empty, or `is_output(out)`, the stage's own output
+  (prepare: a prepare manifest; export: `cprec_export.json`). An earlier output is
+  marked and renamed to `<out>.replaced`, the new folder renamed into place, then the old one removed. A kill
+  at any moment leaves every output on disk: at `out`, or in a marked `<out>.partial` / `<out>.replaced`,
+  which the next run of the stage removes.
+* A marked folder is removed marker last, so a kill during the removal leaves it still marked (removable).
+  The marker is taken out of the output right after the rename; a kill between the two leaves an empty
+  `STAGING_MARKER` in a complete output, which fingerprints skip.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 from cprec.errors import CPRecError
 
-STAGING_MARKER = ".cprec-partial"
+STAGING_MARKER = ".cprec-staging"
 
 
 def staging_folder(out: Path) -> Path:
@@ -32,46 +38,61 @@ def replaced_folder(out: Path) -> Path:
     return out.with_name(out.name + ".replaced")
 
 
-def check(out: Path, owner_marker: str) -> None:
-    """Refuse, before any work, a `<out>.partial` or `<out>.replaced` that CPRec did not make."""
-    staged, old = staging_folder(out), replaced_folder(out)
-    if not _holds(staged, STAGING_MARKER):
-        raise CPRecError(f"{staged} exists and is not a folder CPRec was writing (no {STAGING_MARKER}); CPRec "
-                         f"writes its output there before renaming it to {out.name}, and never deletes a folder "
-                         f"it did not make: move it away or choose another --out")
-    if not _holds(old, owner_marker):
-        raise CPRecError(f"{old} exists and is not an earlier output CPRec set aside (no {owner_marker}); CPRec "
-                         f"never deletes a folder it did not make: move it away or choose another --out")
+def check(out: Path) -> None:
+    """Refuse, before any work, a linked `out` or a sibling staging folder that CPRec did not make."""
+    if out.is_symlink():
+        raise CPRecError(f"--out {out} is a symbolic link; give the folder it points to ({os.path.realpath(out)}) "
+                         f"or a new folder")
+    for sibling in (staging_folder(out), replaced_folder(out)):
+        if not _ours(sibling):
+            raise CPRecError(f"{sibling} exists and is not a folder CPRec set aside (no {STAGING_MARKER}); CPRec "
+                             f"writes {out.name} beside it and never deletes a folder it did not make: move it "
+                             f"away or choose another --out")
 
 
-def begin(out: Path, owner_marker: str) -> Path:
-    """A fresh, empty `<out>.partial` holding only the staging marker."""
-    check(out, owner_marker)
+def begin(out: Path) -> Path:
+    """A fresh `<out>.partial` holding only the staging marker."""
+    check(out)
     staged = staging_folder(out)
-    if staged.exists():
-        shutil.rmtree(staged)  # left by a killed run
+    _remove(staged)  # left by a killed run
     staged.mkdir(parents=True)
     (staged / STAGING_MARKER).touch()
     return staged
 
 
-def commit(staged: Path, out: Path, owner_marker: str) -> None:
+def commit(staged: Path, out: Path, is_output: Callable[[Path], bool]) -> None:
     """Rename the complete `staged` folder to `out`, replacing an earlier output there."""
-    if out.exists():
-        check(out, owner_marker)  # again: the siblings may have appeared while the output was built
-        old = replaced_folder(out)
-        if old.exists():
-            shutil.rmtree(old)  # an earlier replacement was killed after setting it aside
+    check(out)  # again: the output was built over minutes or hours
+    old = replaced_folder(out)
+    _remove(old)  # a replacement killed after setting the old output aside
+    if out.is_dir() and any(out.iterdir()):
+        if not is_output(out):
+            raise CPRecError(f"--out {out} was filled while this stage ran and is not its output; CPRec never "
+                             f"deletes it: the result stays in {staged}")
+        (out / STAGING_MARKER).touch()  # marked before it moves: a kill leaves it removable
         out.rename(old)
-        staged.rename(out)
-        shutil.rmtree(old)
-    else:
-        staged.rename(out)
-    (out / STAGING_MARKER).unlink(missing_ok=True)
+    elif out.exists():
+        out.rmdir()  # empty
+    staged.rename(out)
+    (out / STAGING_MARKER).unlink()
+    _remove(old)
 
 
-def _holds(folder: Path, marker: str) -> bool:
-    """True when `folder` does not exist, or is a real folder (not a link) holding `marker`."""
+def _ours(folder: Path) -> bool:
+    """True when `folder` is absent, or a real folder holding the staging marker or nothing at all."""
     if not folder.exists() and not folder.is_symlink():
         return True
-    return folder.is_dir() and not folder.is_symlink() and (folder / marker).is_file()
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    return (folder / STAGING_MARKER).is_file() or not any(folder.iterdir())
+
+
+def _remove(folder: Path) -> None:
+    """Remove a folder `_ours` accepts, its marker last (a kill part-way leaves it marked)."""
+    if not folder.exists():
+        return
+    for entry in folder.iterdir():
+        if entry.name != STAGING_MARKER:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    (folder / STAGING_MARKER).unlink(missing_ok=True)
+    folder.rmdir()

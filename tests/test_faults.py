@@ -601,7 +601,7 @@ def test_export_never_removes_a_folder_that_is_not_an_earlier_export(tiny):
     mine.mkdir()
     (mine / "notes.txt").write_text("mine")
     _refused(_cli("export", last, "--out", tiny / "hf_once", "--overwrite", check=False),
-             "hf_once.partial exists and is not a folder CPRec was writing")
+             "hf_once.partial exists and is not a folder CPRec set aside")
     assert (mine / "notes.txt").read_text() == "mine"
     assert _json.loads((tiny / "hf_once" / "cprec_export.json").read_text())["step"] == 2
 
@@ -845,23 +845,46 @@ def test_prepare_never_removes_a_users_folder_named_like_its_staging_siblings(tm
     out, partial, replaced = tmp_path / "prepared", tmp_path / "prepared.partial", tmp_path / "prepared.replaced"
     partial.mkdir()
     (partial / "thesis.tex").write_text("mine")
-    with pytest.raises(CPRecError, match="prepared.partial exists and is not a folder CPRec was writing"):
+    with pytest.raises(CPRecError, match="prepared.partial exists and is not a folder CPRec set aside"):
         prepare(cfg, out)
     assert (partial / "thesis.tex").read_text() == "mine" and not out.exists()
-    (partial / "thesis.tex").rename(tmp_path / "thesis.tex")
-    (partial / STAGING_MARKER).touch()  # what a killed prepare leaves: removed, and the run goes on
-    (partial / "documents").mkdir()
+    (partial / "thesis.tex").unlink()  # an empty folder (a kill between mkdir and marker) is CPRec's
     prepare(cfg, out)
     assert (out / "manifest.json").is_file() and not partial.exists() and not (out / STAGING_MARKER).exists()
-    replaced.mkdir()
-    (replaced / "notes.txt").write_text("mine")
-    with pytest.raises(CPRecError, match="prepared.replaced exists and is not an earlier output"):
+    replaced.mkdir()  # the user's own folder, with a file named like a prepare output's
+    (replaced / "manifest.json").write_text('{"stage": "prepare"}')
+    with pytest.raises(CPRecError, match="prepared.replaced exists and is not a folder CPRec set aside"):
         prepare(cfg, out, overwrite=True)
-    assert (replaced / "notes.txt").read_text() == "mine" and (out / "manifest.json").is_file()
-    (replaced / "notes.txt").unlink()
-    (replaced / "manifest.json").write_text("{}")  # an earlier output a killed replacement set aside
-    prepare(cfg, out, overwrite=True)
+    assert (replaced / "manifest.json").is_file() and (out / "manifest.json").is_file()
+    # what a replacement killed between its two renames leaves: the old output marked aside, the new one
+    # marked in .partial, nothing at out; the next run removes both and writes out again
+    (replaced / STAGING_MARKER).touch()
+    out.rename(partial)
+    (partial / STAGING_MARKER).touch()
+    prepare(cfg, out)
     assert not replaced.exists() and not partial.exists() and (out / "manifest.json").is_file()
+    link = tmp_path / "link"
+    link.symlink_to(out)
+    with pytest.raises(CPRecError, match="is a symbolic link"):
+        prepare(cfg, link, overwrite=True)
+    assert (out / "manifest.json").is_file() and link.is_symlink()
+
+
+def test_staging_commit_never_replaces_a_folder_filled_while_the_stage_ran(tmp_path):
+    from cprec import staging
+    from cprec.errors import CPRecError
+
+    out = tmp_path / "out"
+    staged = staging.begin(out)
+    (staged / "result.txt").write_text("new")
+    out.mkdir()  # filled by the user while the stage ran
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(CPRecError, match="was filled while this stage ran"):
+        staging.commit(staged, out, is_output=lambda folder: (folder / "result.txt").is_file())
+    assert (out / "notes.txt").read_text() == "mine" and (staged / "result.txt").read_text() == "new"
+    (out / "notes.txt").unlink()
+    staging.commit(staged, out, is_output=lambda folder: (folder / "result.txt").is_file())  # an empty out
+    assert sorted(p.name for p in out.iterdir()) == ["result.txt"] and not staged.exists()
 
 
 # ================================================================ anneal sweeps

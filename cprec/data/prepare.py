@@ -44,7 +44,7 @@ from tqdm import tqdm
 from cprec import __version__, staging
 from cprec.config import to_dict
 from cprec.data import cleaning, template
-from cprec.data.prepared import LEAVE_ONE_OUT, MANIFEST, MIXED_STREAM, is_prepared, stream_name
+from cprec.data.prepared import LEAVE_ONE_OUT, MIXED_STREAM, is_prepared, stream_name
 from cprec.data.readers import AmazonReviews, MovieLens1M, TableSource
 from cprec.data.rejects import RejectLog
 from cprec.data.synthetic import SyntheticConfig, SyntheticWorld
@@ -404,7 +404,7 @@ def prepare(cfg: PrepareConfig, out: str | Path, overwrite: bool = False) -> dic
     _check_output(out, overwrite)
     source = make_source(cfg)
     budget = Budget(cfg)
-    tmp = staging.begin(out, MANIFEST)
+    tmp = staging.begin(out)
     started = time.perf_counter()
 
     log = RejectLog(tmp / "rejects.jsonl")
@@ -460,7 +460,8 @@ def prepare(cfg: PrepareConfig, out: str | Path, overwrite: bool = False) -> dic
         "rejects": log.summary(), "filtered": dict(sorted(filtered.items())),
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    staging.commit(tmp, out, MANIFEST)
+    _check_output(out, overwrite)  # again: prepare may have run for hours
+    staging.commit(tmp, out, is_prepared)
     manifest["seconds"] = round(time.perf_counter() - started, 2)  # reported, never written: outputs stay byte-identical
     return manifest
 

@@ -38,6 +38,7 @@ from cprec.data import template
 from cprec.data.prepared import LEAVE_ONE_OUT, read_manifest, split_kind
 from cprec.data.stream import stable_key
 from cprec.errors import CPRecError
+from cprec.staging import STAGING_MARKER
 from cprec.eval import ranks as rank_files
 from cprec.eval.metrics import HR_KS, NDCG_KS, rank_against_ties, ranking_metrics
 
@@ -294,7 +295,8 @@ def settings_record(model_spec: str, prepared: Path, domains: list[str], cfg: Ev
                     dtype) -> dict:
     """What decides the results (see `cprec.eval.ranks`)."""
     folder = model_folder(model_spec)
-    record = {"model": str(model_spec), "model_files": fingerprint([p for p in folder.iterdir() if p.is_file()]),
+    files = [p for p in folder.iterdir() if p.is_file() and p.name != STAGING_MARKER]  # a kill can leave it
+    record = {"model": str(model_spec), "model_files": fingerprint(files),
               "data": str(prepared.resolve()), "data_manifest": fingerprint([prepared / "manifest.json"]),
               "protocol": cfg.protocol, "domains": domains, "users": cfg.users, "negatives": cfg.negatives,
               "seed": cfg.seed, "top_k": TOP_K, "dtype": str(dtype).removeprefix("torch.")}
