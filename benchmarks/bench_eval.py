@@ -125,7 +125,7 @@ def movielens(args) -> list[str]:
     bf16_s, t_bf16_s = per_batch(bf16.score_users)
     bf16_f, t_bf16_f = per_batch(lambda p, _: bf16.top_k_users(p, tree, TOP_K, exhaustive=True))
     peak = matmul_gflops(torch.get_num_threads())
-    prompt_tokens = np.mean([len(scorer.prompt_ids(p)) for p in prompts])
+    prompt_tokens = np.mean([lengths[i] for i in users])
     title_ids = scorer.lines_ids(ds.titles)
     one_gflop = {  # per user: what the one-user path fed
         "sampled": np.mean([work.gflop(*one_user_tokens(scorer, scorer.prompt_ids(p), scorer.lines_ids(c)))

@@ -92,7 +92,11 @@ def _remove(folder: Path) -> None:
     if not folder.exists():
         return
     for entry in folder.iterdir():
-        if entry.name != STAGING_MARKER:
-            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        if entry.name == STAGING_MARKER:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
     (folder / STAGING_MARKER).unlink(missing_ok=True)
     folder.rmdir()

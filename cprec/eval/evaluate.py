@@ -38,9 +38,9 @@ from cprec.data import template
 from cprec.data.prepared import LEAVE_ONE_OUT, read_manifest, split_kind
 from cprec.data.stream import stable_key
 from cprec.errors import CPRecError
-from cprec.staging import STAGING_MARKER
 from cprec.eval import ranks as rank_files
 from cprec.eval.metrics import HR_KS, NDCG_KS, rank_against_ties, ranking_metrics
+from cprec.staging import STAGING_MARKER
 
 PROTOCOLS = ("full", "sampled", "both")
 SPLITS = ("test", "valid")  # leave-one-out: test's target is the last item, valid's the one before it
