@@ -367,12 +367,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cprec.train.engine import close_process_group
+
     args = parse_args(argv)
+    clean = False
     try:
-        return args.func(args)
+        code, clean = args.func(args), True
+        return code
     except (CPRecError, ConfigError) as exc:
         print(f"cprec {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        close_process_group(clean)  # also after a refusal: see close_process_group
 
 
 if __name__ == "__main__":

@@ -86,6 +86,24 @@ def init_distributed():
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), cuda
 
 
+def close_process_group(clean: bool = True) -> None:
+    """Destroy this process's process group, if one is open, before the interpreter's teardown: a process
+    that exits with a gloo group alive can abort there ("terminate called without an active exception",
+    exit -6, pytorch#190489: gloo's worker threads still hold work items when the interpreter is gone), turning
+    a clean refusal into a crash. After an error (`clean=False`) only a gloo group is destroyed: that is local
+    to this process, while an NCCL group's teardown can wait on ranks still inside a collective."""
+    import sys
+
+    if "torch.distributed" not in sys.modules:  # nothing distributed ran: do not import torch for that
+        return
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if clean or dist.get_backend() == "gloo":
+        dist.destroy_process_group()
+
+
 def _free_port() -> int:
     import socket
 
