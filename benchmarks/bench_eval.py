@@ -5,11 +5,11 @@ Prints:
     batches `cprec evaluate` forms (`plan`: users grouped by prompt length, `batch_users` of them per batch,
     the CPU defaults of `sized_for`; `--units` of these batches drawn at random): users/s of sampled scoring
     (target + up to 99 negatives) and of full ranking (exact top-20 of the genre's catalogue), one user at a
-    time (`TitleScorer`, what `cprec evaluate` ran before batching; 64 candidates per pass) and batched
-    (`BatchScorer`), in fp32, with how many users get the same rank: every title (candidate) scored, and
-    only the prefixes that can matter expanded (pruned sampled ranking, best-first search), the row
-    `cprec evaluate` runs by default marked (`exhaustive_below`); and bf16 on this CPU (AMX; `--dtype
-    bfloat16`);
+    time (`TitleScorer`, what `cprec evaluate` ran before batching: transformers' SDPA, 64 candidates per
+    pass) and batched (`BatchScorer`, on the attention `load_model` picks: `sdpa_gqa` on a CPU), in fp32,
+    with how many users get the same rank: every title (candidate) scored, and only the prefixes that can
+    matter expanded (pruned sampled ranking, best-first search), the row `cprec evaluate` runs by default
+    marked (`exhaustive_below`); and bf16 on this CPU (AMX; `--dtype bfloat16`);
   * the compute bound, measured in the same run: each path's linear-layer GFLOP per user (from the tokens
     it fed), the rate it reached against this CPU's fp32 matmul rate, and the largest speed-up over the
     one-user path that the fewest FLOPs of any exact batched path here would allow at the full matmul rate;
@@ -111,9 +111,12 @@ def movielens(args) -> list[str]:
         fed[name] = (scorer.stats["fed_nodes"] / n, scorer.stats["expanded_nodes"] / n)
         return out
 
+    loaded = model.config._attn_implementation  # what `cprec evaluate` runs (sdpa_gqa on a CPU)
+    model.set_attn_implementation("sdpa")  # the one-user path as before batching: transformers' own SDPA
     one_s, t_one_s = timed(lambda: [scorer.score(p, c) for p, c in zip(prompts, cands)])
     one_f, t_one_f = timed(lambda: [scorer.top_k(p, trie, TOP_K, exhaustive_below=500)  # as before batching
                                     for p in prompts])
+    model.set_attn_implementation(loaded)
     batch_s, t_batch_s = counted("sampled", scorer.score_users)
     pruned_s, t_pruned_s = counted("pruned", scorer.rank_users)
     batch_f, t_batch_f = counted("full", lambda p, _: scorer.top_k_users(p, tree, TOP_K, exhaustive=True))
@@ -147,7 +150,7 @@ def movielens(args) -> list[str]:
         f"users in {len(units)} batches of {cfg.batch_users} as `cprec evaluate` plans them; {len(picked)} "
         f"batches drawn ({n} users, prompts of {', '.join(spread)} tokens, mean {prompt_tokens:.0f}); "
         f"row_nodes={cfg.row_nodes}, tokens_per_pass={cfg.tokens_per_pass}, beam={cfg.beam}, "
-        f"exhaustive_below={cfg.exhaustive_below}", "",
+        f"exhaustive_below={cfg.exhaustive_below}; attention: one user `sdpa`, batched `{loaded}`", "",
         "| what | one user at a time, fp32, every title (users/s) | batched (users/s) | speed-up | same target rank |",
         "|---|---|---|---|---|",
         row(f"sampled ({np.mean([len(c) for c in cands]):.0f} candidates), every candidate scored{mark(whole_s)}, "

@@ -11,6 +11,12 @@ seq_len x seq_len mask per row and cuDNN's attention).
 `auto` does not pick torch_varlen: on an H200 (benchmarks/gpu_check.py, README "GPU check") it matched
 SDPA per document, but trained SmolLM2-135M 20% slower than SDPA (33k vs 42k tokens/s) and a ~0.5B
 model 3% faster, at 8 x 2048 tokens per step, where ZeRO-3's host work rather than attention sets the pace.
+
+`sdpa_gqa`, for evaluation on a CPU: SDPA that reads each key/value head for its group of query heads
+(`enable_gqa`) also under a mask. transformers' SDPA copies the key/value heads out to one per query head
+whenever a mask is given (CUDA's fused kernels take grouped heads only without one); a CPU's SDPA takes
+both. The batched evaluation's tree passes always carry a mask, and at their shape (rows of ~20 queries
+against ~300 keys) those copies cost more than the attention itself. Same arithmetic, same results.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch
 from cprec.errors import CPRecError
 
 TORCH_VARLEN = "torch_varlen"
+SDPA_GQA = "sdpa_gqa"
 CHOICES = ("auto", "flash_attention_2", TORCH_VARLEN, "sdpa", "eager")
 
 
@@ -131,3 +138,28 @@ def register_torch_varlen() -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register(TORCH_VARLEN, torch_varlen_forward)
+
+
+def sdpa_gqa_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                     **kwargs):
+    """transformers' attention interface: query [b, heads, s, d] in, output [b, s, heads, d] out; the key and
+    value heads are not repeated (see the module docstring)."""
+    if attention_mask is not None:
+        attention_mask = attention_mask[:, :, :, :key.shape[-2]]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    # as transformers' SDPA: causal only for a maskless pass of several queries (the mask, else, says it all)
+    causal = bool(causal and attention_mask is None and query.shape[2] > 1)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                           dropout_p=dropout, scale=scaling, is_causal=causal,
+                                                           enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_sdpa_gqa() -> str:
+    """Make `attn_implementation="sdpa_gqa"` known to transformers, with SDPA's masks; returns the name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(SDPA_GQA, sdpa_gqa_forward)
+    AttentionMaskInterface.register(SDPA_GQA, sdpa_mask)
+    return SDPA_GQA

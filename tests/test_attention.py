@@ -1,4 +1,5 @@
-"""torch_varlen attention: document boundaries, the transformers glue, the choice of kernel.
+"""torch_varlen attention: document boundaries, the transformers glue, the choice of kernel; sdpa_gqa (the
+evaluation's CPU attention) against transformers' SDPA.
 
 On CPU the FlashAttention kernel itself does not run, so the glue is checked against a reference varlen
 function (SDPA on each document) taking either of the signatures torch has shipped; the kernel is checked
@@ -119,3 +120,35 @@ def test_torch_varlen_kernel_on_gpu_equals_sdpa_per_document():
             diff = (packed[start:start + len(doc)].detach() - alone).abs().max().item()
             assert diff <= 0.05 * alone.abs().max().item(), (diff, alone.abs().max().item())
             start += len(doc)
+
+
+def test_sdpa_gqa_computes_what_sdpa_computes():
+    """Unmasked (causal), padded, and continuing a cache with a 4-D mask of the batched scorer's kind (each
+    query sees an arbitrary subset of the keys): the same outputs as transformers' SDPA, which repeats the
+    key/value heads."""
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=6, num_key_value_heads=2)).eval()
+    ids = torch.randint(0, 97, (3, 11))
+    padding = torch.ones(3, 11, dtype=torch.long)
+    padding[0, 7:] = 0
+    more = torch.randint(0, 97, (3, 5))
+    seen = torch.rand(3, 5, 11 + 5) < 0.6
+    seen[:, :, :7] = True  # every query sees a real key
+    tree_mask = torch.zeros(3, 1, 5, 16).masked_fill_(~seen[:, None], torch.finfo(torch.float32).min)
+
+    def outputs(implementation):
+        model.set_attn_implementation(implementation)
+        with torch.no_grad():
+            causal = model(input_ids=ids).logits
+            padded = model(input_ids=ids, attention_mask=padding).logits
+            cache = model(input_ids=ids, use_cache=True).cache
+            assert isinstance(cache, DynamicCache)
+            tree = model(input_ids=more, attention_mask=tree_mask, cache=cache,
+                         position_ids=torch.arange(11, 16).expand(3, 5)).logits
+        return causal, padded[padding.bool()], tree
+
+    for ours, theirs in zip(outputs(attention.register_sdpa_gqa()), outputs("sdpa")):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)

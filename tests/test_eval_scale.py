@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from cprec.attention import register_sdpa_gqa
 from cprec.data.template import render_example
 from cprec.errors import CPRecError
 from cprec.eval.batched import BatchScorer, PrefixTree
@@ -34,8 +35,10 @@ def tiny(tiny_tokenizer):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer)
+    model = tiny_llama(len(tok))
+    model.set_attn_implementation(register_sdpa_gqa())  # the attention `load_model` gives a CPU evaluation
     # small rows and passes: trees are cut into several rows and rows of several users share passes
-    return BatchScorer(tiny_llama(len(tok)), tok, row_nodes=24, tokens_per_pass=80)
+    return BatchScorer(model, tok, row_nodes=24, tokens_per_pass=80)
 
 
 def user_prompts(n: int) -> list[str]:
