@@ -82,10 +82,28 @@ def test_batched_full_ranking_is_the_exact_top_k(tiny):
     assert all(sorted(i for i, _ in top) == list(range(len(TITLES))) for top in everything)
 
 
+def test_full_ranking_ranks_every_title_of_identical_lines(tiny):
+    """Titles whose lines have the same tokens (distinct strings that a normalising tokenizer maps alike;
+    `Downstream` merges equal strings) are all ranked, tied, in title order, by every path, as scoring every
+    title ranks them (the search once returned only the first of them)."""
+    titles = TITLES[:12] + [TITLES[3], TITLES[7]]
+    prompts = user_prompts(3)
+    tree = PrefixTree([tiny.line_ids(t) for t in titles])
+    brute = [tiny.score_naive(p, titles) for p in prompts]
+    best = [np.argsort(-scores, kind="stable") for scores in brute]
+    for k in (len(titles), 8):  # every title; a K that cuts between ranks
+        for kwargs in ({"exhaustive": True}, {"beam": 1}, {"beam": 4}, {"beam": 256}, {"beam": 2, "frontier": 3}):
+            for top, order, scores in zip(tiny.top_k_users(prompts, tree, k, **kwargs), best, brute):
+                assert_same_top(top, [(int(i), scores[i]) for i in order[:k]])
+    assert any(abs(o.tolist().index(3) - o.tolist().index(12)) == 1 for o in best)  # twins rank side by side
+
+
 def test_prefix_tree_shares_prefixes_and_names_the_first_duplicate():
     tree = PrefixTree([[5, 6, 7], [5, 6, 8], [5, 9], [5, 6, 7], [4]])
     assert tree.size == 1 + 6  # root, 5, 6, 7, 8, 9, 4
-    assert tree.title_node[0] == tree.title_node[3] and tree.end[tree.title_node[0]] == 0
+    assert tree.title_node[0] == tree.title_node[3]
+    titles, counts = tree.titles_of(np.array([tree.title_node[0], tree.title_node[4], tree.parent[tree.title_node[0]]]))
+    assert titles.tolist() == [0, 3, 4] and counts.tolist() == [2, 1, 0]  # both twins, in title order
     assert list(tree.inner) == [i for i in range(1, tree.size) if tree.has_children[i]]
     assert (tree.parent[1:] < np.arange(1, tree.size)).all()  # pre-order: parents first
     for fed, scored in tree.slices(2):

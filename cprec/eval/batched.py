@@ -17,7 +17,8 @@ How (the spec, beside the code):
   once however many titles share it (tree attention, as in speculative decoding's token trees): a node
   attends to its user's prompt and to its ancestors, at position prompt length + depth - 1. Expanding a
   node means feeding it: the distribution after it scores all its children at once; the distribution after
-  the prompt scores the first tokens.
+  the prompt scores the first tokens. Titles whose lines have the same tokens end at one node; each of
+  them is ranked (tied, in title order).
 * **Rows and passes.** A row is one user's nodes on a copy of that user's prompt cache: at most `row_nodes`
   fed nodes, plus context. Nodes are numbered in pre-order, so node a is v or an ancestor of v exactly when
   a <= v < stop[a] (the end of a's subtree): a row's attention mask is that one comparison, for all its
@@ -101,9 +102,9 @@ class PrefixTree:
         self.parent = np.asarray(parent, dtype=np.int64)
         self.depth = np.asarray(depth, dtype=np.int64)
         self.title_node = title_node
-        self.end = np.full(len(token), -1, dtype=np.int64)
-        for i in sorted(range(len(sequences)), reverse=True):  # the first title naming a node wins
-            self.end[title_node[i]] = i
+        # the titles ending at each node, in title order: titles whose lines are identical end at one node
+        self.titles_at = np.lexsort((np.arange(len(sequences)), title_node))
+        self.title_ptr = np.concatenate([[0], np.cumsum(np.bincount(title_node, minlength=len(token)))])
         counts = np.bincount(self.parent[1:], minlength=len(token))
         self.child_ptr = np.concatenate([[0], np.cumsum(counts)])
         self.children = np.argsort(self.parent[1:], kind="stable") + 1  # grouped by parent, pre-order within
@@ -123,12 +124,11 @@ class PrefixTree:
 
     def children_of(self, nodes: np.ndarray) -> np.ndarray:
         """The children of each node of `nodes`, concatenated in that order."""
-        nodes = np.asarray(nodes, dtype=np.int64)
-        starts, counts = self.child_ptr[nodes], self.child_ptr[nodes + 1] - self.child_ptr[nodes]
-        if len(nodes) == 0:
-            return NO_NODES
-        offsets = np.repeat(starts - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
-        return self.children[np.arange(int(counts.sum())) + offsets]
+        return _ranges(self.child_ptr, self.children, nodes)[0]
+
+    def titles_of(self, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The titles ending at each node of `nodes` (concatenated in that order), and how many at each."""
+        return _ranges(self.title_ptr, self.titles_at, nodes)
 
     def ancestors(self, node: int) -> list[int]:
         """Strict ancestors of `node`, root excluded, nearest last."""
@@ -214,6 +214,16 @@ class PrefixTree:
         for level in self.levels:
             total[..., level] = total[..., self.parent[level]] + edge[..., level]
         return total
+
+
+def _ranges(ptr: np.ndarray, values: np.ndarray, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """values[ptr[n]:ptr[n + 1]] for each node n of `nodes`, concatenated in that order, and their lengths."""
+    nodes = np.asarray(nodes, dtype=np.int64)
+    starts, counts = ptr[nodes], ptr[nodes + 1] - ptr[nodes]
+    if len(nodes) == 0:
+        return NO_NODES, NO_NODES
+    offsets = np.repeat(starts - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
+    return values[np.arange(int(counts.sum())) + offsets], counts
 
 
 def _row(fed: set, expanded: list, context: set) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -323,10 +333,10 @@ class BestFirst:
         counts = self.tree.child_ptr[nodes + 1] - self.tree.child_ptr[nodes]
         children = self.tree.children_of(nodes)
         child_scores = np.repeat(scores, counts) + logp
-        titles = self.tree.end[children]
-        ended, inner = titles >= 0, self.tree.has_children[children]
-        self.done_titles = np.concatenate([self.done_titles, titles[ended]])
-        self.done_scores = np.concatenate([self.done_scores, child_scores[ended]])
+        titles, per_child = self.tree.titles_of(children)  # several where titles' lines are identical
+        inner = self.tree.has_children[children]
+        self.done_titles = np.concatenate([self.done_titles, titles])
+        self.done_scores = np.concatenate([self.done_scores, np.repeat(child_scores, per_child)])
         self.open_nodes = np.concatenate([self.open_nodes, children[inner]])
         self.open_scores = np.concatenate([self.open_scores, child_scores[inner]])
 
