@@ -14,7 +14,7 @@ import torch
 from cprec.attention import register_sdpa_gqa
 from cprec.data.template import render_example
 from cprec.errors import CPRecError
-from cprec.eval.batched import BatchScorer, PrefixTree
+from cprec.eval.batched import BatchScorer, BestFirst, PrefixTree
 from cprec.eval.metrics import rank_against_ties
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,6 +96,25 @@ def test_full_ranking_ranks_every_title_of_identical_lines(tiny):
             for top, order, scores in zip(tiny.top_k_users(prompts, tree, k, **kwargs), best, brute):
                 assert_same_top(top, [(int(i), scores[i]) for i in order[:k]])
     assert any(abs(o.tolist().index(3) - o.tolist().index(12)) == 1 for o in best)  # twins rank side by side
+
+
+def test_best_first_orders_exact_ties_as_scoring_every_title():
+    """Title 1 ([1, 4]) finishes at -1.5 while prefix [1, 2] is open at -1.5 and ends in title 0 at -1.5 (a
+    last token at log-probability exactly 0.0): equal scores rank in title order, so title 0 comes first."""
+    tree = PrefixTree([[1, 2, 3], [1, 4]])
+    logp = {(): {1: -1.0}, (1,): {2: -0.5, 4: -0.5}, (1, 2): {3: 0.0}}
+    path = {0: ()}  # node -> its tokens
+    for node in range(1, tree.size):
+        path[node] = path[int(tree.parent[node])] + (int(tree.token[node]),)
+    search = BestFirst(tree, k=2, frontier=10)
+    nodes, scores = np.array([0]), np.zeros(1)
+    while len(nodes):
+        children = tree.children_of(nodes)
+        search.expand(nodes, scores, np.array([logp[path[int(tree.parent[c])]][int(tree.token[c])]
+                                               for c in children]))
+        search.trim()
+        nodes, scores = search.advance(beam=1)
+    assert search.results == [(0, -1.5), (1, -1.5)]
 
 
 def test_prefix_tree_shares_prefixes_and_names_the_first_duplicate():

@@ -30,8 +30,9 @@ How (the spec, beside the code):
 * **Full ranking.** Exhaustive: every title's score from the catalogue's tree, cut in pre-order into slices
   (a run of consecutive nodes needs, besides itself, only the ancestors of its first node), slices of all
   users batched. Best-first (`BestFirst`): log-probabilities are <= 0, so a prefix's score bounds all its
-  completions and a finished title is final once no open prefix scores higher; each step pops up to `beam`
-  open prefixes of every unfinished user and expands all of them in the same passes.
+  completions and a finished title is final once every open prefix scores lower (an equal one may end in an
+  equal title that comes first in title order); each step pops up to `beam` open prefixes of every
+  unfinished user and expands all of them in the same passes.
 * **Sampled ranks** (`rank_users`): the target's path is expanded first; then, level by level, only the
   prefixes that score at least the target, since no completion of a lower one can rank above it.
 * **Bounded memory.** A user's open prefixes (the frontier) are cut back to the best `frontier` after every
@@ -357,7 +358,10 @@ class BestFirst:
         finished or blocked)."""
         best_open = float(self.open_scores.max()) if len(self.open_scores) else -math.inf
         bound = max(best_open, self.cut)
-        final = self._best_done(np.flatnonzero(self.done_scores >= bound))[:self.k - len(self.results)]
+        # a title tied with an open (or cut) prefix waits: that prefix may end in an equal title that comes
+        # first in title order (its remaining tokens at log-probability exactly 0.0, as a peaked model gives)
+        final = np.flatnonzero((self.done_scores > bound) | (bound == -math.inf))
+        final = self._best_done(final)[:self.k - len(self.results)]
         if len(final):
             self.results += list(zip(self.done_titles[final].tolist(), self.done_scores[final].tolist()))
             rest = np.ones(len(self.done_titles), dtype=bool)
