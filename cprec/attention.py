@@ -14,9 +14,11 @@ model 3% faster, at 8 x 2048 tokens per step, where ZeRO-3's host work rather th
 
 `sdpa_gqa`, for evaluation on a CPU: SDPA that reads each key/value head for its group of query heads
 (`enable_gqa`) also under a mask. transformers' SDPA copies the key/value heads out to one per query head
-whenever a mask is given (CUDA's fused kernels take grouped heads only without one); a CPU's SDPA takes
-both. The batched evaluation's tree passes always carry a mask, and at their shape (rows of ~20 queries
-against ~300 keys) those copies cost more than the attention itself. Same arithmetic, same results.
+whenever a mask is given to a pass of several queries (CUDA's fused kernels take grouped heads only without
+one); a CPU's SDPA takes both. The batched evaluation's tree passes always carry a mask, and at their shape
+(rows of ~20 queries against ~300 keys) those copies cost more than the attention itself. The same
+arithmetic: equal outputs where transformers repeats the heads, within fp32 rounding (~1e-6) where it
+folds a single query's heads instead.
 """
 
 from __future__ import annotations
@@ -144,6 +146,8 @@ def sdpa_gqa_forward(module, query, key, value, attention_mask, dropout=0.0, sca
                      **kwargs):
     """transformers' attention interface: query [b, heads, s, d] in, output [b, s, heads, d] out; the key and
     value heads are not repeated (see the module docstring)."""
+    if kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None:
+        raise CPRecError("sdpa_gqa attention takes neither softcap nor position_bias (use sdpa or eager)")
     if attention_mask is not None:
         attention_mask = attention_mask[:, :, :, :key.shape[-2]]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
@@ -153,6 +157,12 @@ def sdpa_gqa_forward(module, query, key, value, attention_mask, dropout=0.0, sca
                                                            dropout_p=dropout, scale=scaling, is_causal=causal,
                                                            enable_gqa=key.shape[1] != query.shape[1])
     return out.transpose(1, 2).contiguous(), None
+
+
+def for_evaluation(device) -> str:
+    """The attention implementation an evaluation's model runs on `device` (`cprec evaluate` and the metric
+    during training alike, so that their floats agree): sdpa_gqa on a CPU, transformers' sdpa elsewhere."""
+    return register_sdpa_gqa() if torch.device(device or "cpu").type == "cpu" else "sdpa"
 
 
 def register_sdpa_gqa() -> str:

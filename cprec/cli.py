@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -378,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cprec {args.command}: error: {exc}", file=sys.stderr)
         return 2
     finally:
-        close_process_group(clean)  # also after a refusal: see close_process_group
+        with contextlib.suppress(Exception):  # a failed teardown must not hide the command's own exit
+            close_process_group(clean)  # also after a refusal: see close_process_group
 
 
 if __name__ == "__main__":

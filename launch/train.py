@@ -25,9 +25,10 @@ if __name__ == "__main__":
     except (CPRecError, ConfigError) as exc:
         print(f"launch/train.py: error: {exc}", file=sys.stderr)
         code = 2
-    # Every file is closed and the process group is destroyed by now. Skip the interpreter's teardown: there,
-    # the destructors of communication threads once aborted a rank that had finished cleanly ("terminate called
-    # without an active exception", exit -6 under the deepspeed launcher), failing a completed job.
+    # Every file is closed by now (and, after a clean run, the process group destroyed). Skip the interpreter's
+    # teardown: there, the destructors of communication threads once aborted a rank that had finished cleanly
+    # ("terminate called without an active exception", exit -6 under the deepspeed launcher), failing a
+    # completed job.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

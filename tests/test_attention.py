@@ -124,8 +124,8 @@ def test_torch_varlen_kernel_on_gpu_equals_sdpa_per_document():
 
 def test_sdpa_gqa_computes_what_sdpa_computes():
     """Unmasked (causal), padded, and continuing a cache with a 4-D mask of the batched scorer's kind (each
-    query sees an arbitrary subset of the keys): the same outputs as transformers' SDPA, which repeats the
-    key/value heads."""
+    query sees an arbitrary subset of the keys), with several queries and with one: the outputs of
+    transformers' SDPA, which repeats the key/value heads (or folds a single query's heads)."""
     from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -148,7 +148,12 @@ def test_sdpa_gqa_computes_what_sdpa_computes():
             assert isinstance(cache, DynamicCache)
             tree = model(input_ids=more, attention_mask=tree_mask, cache=cache,
                          position_ids=torch.arange(11, 16).expand(3, 5)).logits
-        return causal, padded[padding.bool()], tree
+            # one query per row under a mask (a search step whose rows feed one node each): transformers folds
+            # the query's heads instead of repeating the key/value heads, so only rounding may differ
+            cache = model(input_ids=ids, use_cache=True).cache
+            one = model(input_ids=more[:, :1], attention_mask=tree_mask[:, :, :1, :12], cache=cache,
+                        position_ids=torch.full((3, 1), 11)).logits
+        return causal, padded[padding.bool()], tree, one
 
     for ours, theirs in zip(outputs(attention.register_sdpa_gqa()), outputs("sdpa")):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)

@@ -117,7 +117,7 @@ def test_best_first_orders_exact_ties_as_scoring_every_title():
     assert search.results == [(0, -1.5), (1, -1.5)]
 
 
-def test_prefix_tree_shares_prefixes_and_names_the_first_duplicate():
+def test_prefix_tree_shares_prefixes_and_keeps_every_title_of_a_node():
     tree = PrefixTree([[5, 6, 7], [5, 6, 8], [5, 9], [5, 6, 7], [4]])
     assert tree.size == 1 + 6  # root, 5, 6, 7, 8, 9, 4
     assert tree.title_node[0] == tree.title_node[3]

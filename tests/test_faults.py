@@ -592,11 +592,12 @@ def test_a_refused_command_destroys_its_process_group_before_exiting(tiny):
     teardown: left open, gloo's threads aborted that teardown once in CI (exit -6, not 2)."""
     run = _copy_run(tiny, "refused_group")
     script = ("import sys, torch.distributed as dist; from cprec.cli import main; code = main(sys.argv[1:]); "
-              "print('open' if dist.is_initialized() else 'destroyed', code)")
+              "print('open' if dist.is_initialized() else 'destroyed', code, flush=True); sys.exit(code)")
     proc = _subprocess.run([_sys.executable, "-c", script, "train", "--config", str(tiny / "tiny.yaml"),
                             f"run_dir={run}", "--resume", "schedule.peak_lr=0.1"],
                            capture_output=True, text=True, timeout=600)
     assert proc.stdout.split()[-2:] == ["destroyed", "2"], proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.returncode == 2, proc.stderr[-3000:]
 
 
 def test_export_never_removes_a_folder_that_is_not_an_earlier_export(tiny):

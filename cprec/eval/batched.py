@@ -73,8 +73,8 @@ class PrefixTree:
     """The token prefix tree of title lines as flat arrays, nodes numbered in pre-order (parents first).
 
     Node 0 is the root (the empty prefix); node v > 0 spells its parent's tokens then `token[v]`.
-    `title_node[i]` is the node that spells title i; `end[v]` the first title a node spells, or -1 (two
-    titles with one token sequence get the same score; the search names the first).
+    `title_node[i]` is the node that spells title i; `titles_of(nodes)` the titles each node spells (several
+    when titles' lines have the same tokens: they get the same score, and rank in title order).
     """
 
     def __init__(self, sequences: list[list[int]]):
@@ -360,7 +360,8 @@ class BestFirst:
         bound = max(best_open, self.cut)
         # a title tied with an open (or cut) prefix waits: that prefix may end in an equal title that comes
         # first in title order (its remaining tokens at log-probability exactly 0.0, as a peaked model gives)
-        final = np.flatnonzero((self.done_scores > bound) | (bound == -math.inf))
+        nothing_left = not len(self.open_nodes) and self.cut == -math.inf
+        final = np.flatnonzero((self.done_scores > bound) | nothing_left)
         final = self._best_done(final)[:self.k - len(self.results)]
         if len(final):
             self.results += list(zip(self.done_titles[final].tolist(), self.done_scores[final].tolist()))

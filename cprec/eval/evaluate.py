@@ -145,7 +145,7 @@ def load_model(spec: str, device=None, dtype=None):
     import torch
     import transformers
 
-    from cprec.attention import register_sdpa_gqa
+    from cprec.attention import for_evaluation
 
     transformers.logging.set_verbosity_error()
     folder = model_folder(spec)
@@ -156,10 +156,9 @@ def load_model(spec: str, device=None, dtype=None):
                          f"so copy the backbone's tokenizer files into it (an export takes them from the run's "
                          f"model/ folder, which has none when the run trained a model built from model.config)")
     dtype = dtype or torch.float32
-    # on a CPU, SDPA without transformers' copies of the key/value heads (cprec.attention: same results)
-    attention = register_sdpa_gqa() if torch.device(device or "cpu").type == "cpu" else "sdpa"
     try:  # the batched scorer passes its own 4-D masks, which SDPA (and eager) attention take
-        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attention)
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype,
+                                                                  attn_implementation=for_evaluation(device))
     except (ValueError, ImportError):
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="eager")
     return model.to(device or "cpu"), transformers.AutoTokenizer.from_pretrained(folder)

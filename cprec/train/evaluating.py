@@ -172,9 +172,11 @@ def plain_copy(module, device, dtype):
     import transformers
     from transformers.integrations import deepspeed as hf_ds
 
+    from cprec.attention import for_evaluation
+
     config = module.config.__class__.from_dict(module.config.to_dict())
     config.use_cache = True  # as an export: the scorer keeps key/value caches
-    config._attn_implementation = "sdpa"  # as `cprec evaluate` loads a model (the scorer passes 4-D masks)
+    config._attn_implementation = for_evaluation(device)  # as `cprec evaluate` loads a model (4-D masks)
     saved = hf_ds._hf_deepspeed_config_weak_ref
     hf_ds.unset_hf_deepspeed_config()  # else transformers builds the copy partitioned, under zero.Init
     try:
