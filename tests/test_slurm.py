@@ -65,7 +65,13 @@ def wait_for_steps(cluster, job: str, run: Path, steps: int, timeout: float = 24
 
 
 def job_log(work: Path, job: str) -> str:
-    return (work / f"cprec-{job}.out").read_text()
+    return read_log(work / f"cprec-{job}.out")
+
+
+def read_log(path: Path) -> str:
+    """A job's output file: several processes write it at once (ranks, srun), so a multi-byte character (a
+    progress bar's block) can be torn by another's write; that byte is replaced, never a failure."""
+    return path.read_text(errors="replace")
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +139,7 @@ def test_job_array_anneals_one_branch_per_task(slurm_cluster, work, straight):
     job = submit(slurm_cluster, work, "slurm_anneal.sbatch", str(parent), ",".join(map(str, steps)), "3",
                  sbatch_options=("--array=0-1",))
     records = slurm_cluster.wait_finished(job)
-    logs = "\n".join(p.read_text() for p in sorted(work.glob(f"cprec-anneal-{job}_*.out")))
+    logs = "\n".join(read_log(p) for p in sorted(work.glob(f"cprec-anneal-{job}_*.out")))
     assert sorted((r["ArrayTaskId"], r["JobState"], r["ExitCode"]) for r in records) == \
         [("0", "COMPLETED", "0:0"), ("1", "COMPLETED", "0:0")], logs[-3000:]
     for step in steps:
@@ -185,9 +191,9 @@ def test_a_sweep_fans_out_as_a_job_array_then_one_job_writes_the_table(slurm_clu
                                  cwd=REPO, env=env)
     table = slurm_cluster.sbatch(*options, f"--dependency=afterok:{array}", "--wrap", sweep, cwd=REPO, env=env)
     records = slurm_cluster.wait_finished(array, timeout=600) + slurm_cluster.wait_finished(table, timeout=300)
-    logs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("slurm-*.out")))
+    logs = "\n".join(read_log(p) for p in sorted(tmp_path.glob("slurm-*.out")))
     assert all((r["JobState"], r["ExitCode"]) == ("COMPLETED", "0:0") for r in records), logs[-3000:]
     rows = json.loads((out / "sweep.json").read_text())["branches"]
     assert [r["branch_step"] for r in rows] == [4, 8]
-    table_log = (tmp_path / f"slurm-{table}.out").read_text()
+    table_log = read_log(tmp_path / f"slurm-{table}.out")
     assert "== branch" not in table_log and "sweep in" in table_log  # the table job trained nothing
