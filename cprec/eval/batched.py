@@ -368,7 +368,7 @@ class BestFirst:
             rest = np.ones(len(self.done_titles), dtype=bool)
             rest[final] = False
             self._keep_done(rest)
-        if len(self.results) >= self.k or (not len(self.open_nodes) and self.cut == -math.inf):
+        if len(self.results) >= self.k or nothing_left:
             return NO_NODES, np.zeros(0)  # done, or the whole tree is ranked (K above the catalogue size)
         if best_open <= self.cut:  # nothing left can beat what was cut: the next title is uncertain
             self.blocked = True
