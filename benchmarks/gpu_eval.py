@@ -3,10 +3,10 @@ checked against the CPU path. Goal (issue 14): >= 50 users/s full ranking on one
 
 Users are generated: a history of 3-12 catalogue titles (the prompt, within a 511-token budget as MovieLens
 is prepared), a target title outside it, and 99 sampled negatives. Prints, for the GPU in its evaluation
-precision (bf16 by default): users/s of full ranking (exact top-20 by best-first search, `batch_users` users
-per step) for each --beam side by side (64 was the first measurement's; 256 is `cprec evaluate`'s default on
-a GPU), with fed nodes per user, and of sampled ranking (100 candidates), the search's peak frontier and
-fallbacks; then, on
+precision (bf16 by default): users/s of full ranking (exact top-20 by best-first search) and of sampled ranking
+(100 candidates) for each --beam and --batch-users (users per forward pass; each pass feeds up to 256 tree
+nodes per user, --tokens-per-pass-per-user) side by side, with fed nodes per user, the search's peak frontier
+and fallbacks; the first setting is `cprec evaluate`'s default on a GPU. Then, on
 --check-users users, the same ranks recomputed by the CPU path (fp32, the same batched scorer on the CPU)
 and by the GPU in fp32: the fp32 ranks must be identical to the CPU's; bf16's agreement is reported (its
 rounding can reorder near-ties, so it is a figure, not a check).
@@ -56,12 +56,13 @@ def users(titles: list[str], n: int, tok, seed: int = 0) -> list[dict]:
     return out
 
 
-def rank_all(scorer: BatchScorer, tree: PrefixTree, rows: list[dict], args, beam: int) -> dict:
-    """Full-ranking and sampled ranks of `rows` in batches of --batch-users, with seconds of each protocol."""
+def rank_all(scorer: BatchScorer, tree: PrefixTree, rows: list[dict], args, beam: int, batch_users: int) -> dict:
+    """Full-ranking and sampled ranks of `rows` in batches of `batch_users`, with seconds of each protocol."""
     sync = torch.cuda.synchronize if scorer.device.type == "cuda" else (lambda: None)
+    scorer.tokens_per_pass = args.tokens_per_user * batch_users
     full, sampled, seconds = [], [], {"full": 0.0, "sampled": 0.0}
-    for lo in range(0, len(rows), args.batch_users):
-        batch = rows[lo:lo + args.batch_users]
+    for lo in range(0, len(rows), batch_users):
+        batch = rows[lo:lo + batch_users]
         sync()
         started = time.perf_counter()
         tops = scorer.top_k_users([r["prompt"] for r in batch], tree, TOP_K, beam, frontier=args.frontier)
@@ -92,8 +93,47 @@ def scorer_for(device, dtype, args) -> BatchScorer:
         model, tok = random_model(args.model.removeprefix("random:"), device, dtype)
     else:
         model, tok = load_model(args.model, device, dtype)
-    return BatchScorer(model, tok, row_nodes=args.row_nodes, tokens_per_pass=args.tokens_per_pass,
+    return BatchScorer(model, tok, row_nodes=args.row_nodes,
                        node_cache_bytes=(args.node_cache_mb or node_cache_default(device)) << 20)
+
+
+def profile_batch(scorer: BatchScorer, tree: PrefixTree, rows: list[dict], args, out: Path) -> None:
+    """Where one batch's search spends its time: the model's kernels, or the host's bookkeeping between them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if scorer.device.type == "cuda" else [])
+    sync = torch.cuda.synchronize if scorer.device.type == "cuda" else (lambda: None)
+    sync()
+    started = time.perf_counter()
+    with profile(activities=activities) as prof:
+        scorer.top_k_users([r["prompt"] for r in rows], tree, TOP_K, args.beam[0], frontier=args.frontier)
+        sync()
+    wall = time.perf_counter() - started
+    averages = prof.key_averages()
+    device_sort = "self_cuda_time_total" if scorer.device.type == "cuda" else "self_cpu_time_total"
+    out.write_text(f"one batch of {len(rows)} users, beam {args.beam[0]}, {wall:.2f} s under the profiler\n\n"
+                   + averages.table(sort_by="self_cpu_time_total", row_limit=30) + "\n\n"
+                   + averages.table(sort_by=device_sort, row_limit=30) + "\n")
+    print(f"profile of one batch ({wall:.2f} s) written to {out}")
+
+
+def host_profile(scorer: BatchScorer, tree: PrefixTree, rows: list[dict], args, batch_users: int, out: Path) -> None:
+    """The host's side of one batch's search, by Python function (cProfile): what the GPU waits for."""
+    import cProfile
+    import io
+    import pstats
+
+    scorer.tokens_per_pass = args.tokens_per_user * batch_users
+    profiler = cProfile.Profile()
+    profiler.enable()
+    scorer.top_k_users([r["prompt"] for r in rows[:batch_users]], tree, TOP_K, args.beam[0], frontier=args.frontier)
+    if scorer.device.type == "cuda":
+        torch.cuda.synchronize()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(35)
+    out.write_text(f"one batch of {batch_users} users, beam {args.beam[0]}\n" + text.getvalue())
+    print(f"host profile of one batch written to {out}")
 
 
 def agreement(a: dict, b: dict, rows: list[dict]) -> dict:
@@ -108,12 +148,14 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--users", type=int, default=1024)
     parser.add_argument("--catalogue", type=int, default=10_000)
-    parser.add_argument("--batch-users", dest="batch_users", type=int, default=128)
+    parser.add_argument("--batch-users", dest="batch_users", type=int, nargs="+", default=[128],
+                        help="users per batch to time, side by side")
     parser.add_argument("--beam", type=int, nargs="+", default=[256, 64], help="beams to time, side by side; the "
-                        "first one's ranks are checked")
+                        "first beam's ranks at the first batch size are checked")
     parser.add_argument("--frontier", type=int, default=50_000)
     parser.add_argument("--row-nodes", dest="row_nodes", type=int, default=256)
-    parser.add_argument("--tokens-per-pass", dest="tokens_per_pass", type=int, default=32768)
+    parser.add_argument("--tokens-per-pass-per-user", dest="tokens_per_user", type=int, default=256,
+                        help="a pass's fed positions: this times the batch's users (cprec evaluate: 65536 for 256)")
     parser.add_argument("--node-cache-mb", dest="node_cache_mb", type=int, default=None,
                         help="default: cprec evaluate's (a third of the GPU's free memory)")
     parser.add_argument("--check-users", dest="check_users", type=int, default=4)
@@ -122,6 +164,10 @@ def main():
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--out", help="also write the figures to this JSON file")
+    parser.add_argument("--host-profile", dest="host_profile", help="also profile one batch of the first size on "
+                        "the host with cProfile (time by Python function) and write it to this file")
+    parser.add_argument("--profile", help="also profile one batch's full ranking (first beam) with torch.profiler "
+                        "and write its operator table, by self CPU time and by device time, to this file")
     args = parser.parse_args()
 
     device, dtype = resolve_device(args.device, args.dtype)
@@ -130,29 +176,42 @@ def main():
                                             users=1)).titles[0]
     tree = PrefixTree(scorer.lines_ids(titles))
     rows = users(titles, args.users, scorer.tok)
-    rank_all(scorer, tree, rows[:min(len(rows), args.batch_users)], args, args.beam[0])  # warm-up: allocations
-    by_beam = {}
-    for beam in args.beam:
-        scorer.reset_stats()
-        run = rank_all(scorer, tree, rows, args, beam)
-        by_beam[beam] = {"full_users_per_s": len(rows) / run["seconds"]["full"],
-                         "fed_nodes_per_user": scorer.stats["fed_nodes"] / len(rows), **scorer.stats}
-        if beam == args.beam[0]:
-            main_run, stats = run, dict(scorer.stats)
+    batch_users = args.batch_users[0]
+    rank_all(scorer, tree, rows[:min(len(rows), batch_users)], args, args.beam[0], batch_users)  # warm-up
+    by_setting = []
+    for size in args.batch_users:
+        for beam in args.beam:
+            scorer.reset_stats()
+            run = rank_all(scorer, tree, rows, args, beam, size)
+            by_setting.append({"beam": beam, "batch_users": size,
+                               "full_users_per_s": len(rows) / run["seconds"]["full"],
+                               "sampled_users_per_s": len(rows) / run["seconds"]["sampled"],
+                               "fed_nodes_per_user": scorer.stats["fed_nodes"] / len(rows), **scorer.stats})
+            if not by_setting[1:]:
+                main_run, stats = run, dict(scorer.stats)
+            elif run["full"] != main_run["full"] and beam == args.beam[0]:
+                by_setting[-1]["full_top20_differs_from_first_setting"] = sum(
+                    a != b for a, b in zip(run["full"], main_run["full"]))
+    if args.host_profile:
+        host_profile(scorer, tree, rows, args, batch_users, Path(args.host_profile))
+    if args.profile:  # the largest batch: where its time goes
+        scorer.tokens_per_pass = args.tokens_per_user * args.batch_users[-1]
+        profile_batch(scorer, tree, rows[:args.batch_users[-1]], args, Path(args.profile))
+        scorer.tokens_per_pass = args.tokens_per_user * batch_users
     exhaustive_rows = rows[:args.exhaustive_users]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     started = time.perf_counter()
     exhaustive = []
-    for lo in range(0, len(exhaustive_rows), args.batch_users):
-        batch = [r["prompt"] for r in exhaustive_rows[lo:lo + args.batch_users]]
+    for lo in range(0, len(exhaustive_rows), batch_users):
+        batch = [r["prompt"] for r in exhaustive_rows[lo:lo + batch_users]]
         exhaustive += [[i for i, _ in top] for top in scorer.top_k_users(batch, tree, TOP_K, exhaustive=True)]
     sync()
     exhaustive_seconds = time.perf_counter() - started
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "dtype": str(dtype).removeprefix("torch."), "catalogue": len(titles), "tree_nodes": tree.size - 1,
-              "users": len(rows), "batch_users": args.batch_users, "beam": args.beam[0],
-              "full_users_per_s": len(rows) / main_run["seconds"]["full"], "by_beam": by_beam,
+              "users": len(rows), "batch_users": batch_users, "beam": args.beam[0],
+              "full_users_per_s": len(rows) / main_run["seconds"]["full"], "by_setting": by_setting,
               "sampled_users_per_s": len(rows) / main_run["seconds"]["sampled"], "search": stats,
               "model": args.model, "exhaustive_users": len(exhaustive_rows),
               "exhaustive_users_per_s": len(exhaustive_rows) / exhaustive_seconds if exhaustive_rows else None,
@@ -160,11 +219,11 @@ def main():
 
     check = rows[:args.check_users]
     del scorer
-    cpu = rank_all(scorer_for(torch.device("cpu"), torch.float32, args), tree, check, args, args.beam[0])
+    cpu = rank_all(scorer_for(torch.device("cpu"), torch.float32, args), tree, check, args, args.beam[0], batch_users)
     mine = {"full": main_run["full"][:len(check)], "sampled": main_run["sampled"][:len(check)]}
     report[f"{report['dtype']}_vs_cpu_fp32"] = agreement(mine, cpu, check)
     if device.type == "cuda" and dtype != torch.float32:
-        fp32 = rank_all(scorer_for(device, torch.float32, args), tree, check, args, args.beam[0])
+        fp32 = rank_all(scorer_for(device, torch.float32, args), tree, check, args, args.beam[0], batch_users)
         report["gpu_fp32_vs_cpu_fp32"] = agreement(fp32, cpu, check)
     fp32 = report.get("gpu_fp32_vs_cpu_fp32") or (report[f"{report['dtype']}_vs_cpu_fp32"]
                                                    if dtype == torch.float32 else None)
@@ -172,10 +231,11 @@ def main():
         fp32["full_top20_identical"] == len(check) and fp32["sampled_rank_identical"] == len(check)
 
     print(json.dumps(report, indent=2))
-    beams = ", ".join(f"beam {b}: {r['full_users_per_s']:.1f} users/s ({r['fed_nodes_per_user']:,.0f} fed nodes per user)"
-                      for b, r in by_beam.items())
-    print(f"\n{report['device']} {report['dtype']}: full ranking {beams}; sampled "
-          f"{report['sampled_users_per_s']:.1f} users/s ({len(rows)} users, {len(titles):,} titles, peak frontier "
+    print(f"\n{'beam':>5} {'users per batch':>15} {'full users/s':>12} {'sampled users/s':>15} {'fed nodes/user':>14}")
+    for r in by_setting:
+        print(f"{r['beam']:>5} {r['batch_users']:>15} {r['full_users_per_s']:>12.1f} {r['sampled_users_per_s']:>15.1f} "
+              f"{r['fed_nodes_per_user']:>14,.0f}")
+    print(f"{report['device']} {report['dtype']}: ({len(rows)} users, {len(titles):,} titles, peak frontier "
           f"{stats['peak_frontier']:,}, {stats['fallbacks']} fallbacks); fp32 ranks identical to the CPU path on "
           f"{len(check)} users: {report['fp32_ranks_identical']}; every title scored: "
           f"{report['exhaustive_users_per_s'] or 0:.1f} users/s ({len(exhaustive_rows)} users; search's top-20 equal "

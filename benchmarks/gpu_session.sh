@@ -24,7 +24,8 @@ if [[ $PARTS == *" levers "* ]]; then
     --out "$OUT" 2>&1 | grep -v "WARNING\|real_accelerator" | tee "$OUT/levers.log"
 fi
 if [[ $PARTS == *" eval "* ]]; then
-  timeout "${EVAL_S:-200}" python3 benchmarks/gpu_eval.py --model random:.gpu/smollm2-config --users 256 \
-    --batch-users 128 --beam 256 64 --exhaustive-users 128 --check-users 1 --out "$OUT/gpu_eval.json" 2>&1 \
+  timeout "${EVAL_S:-200}" python3 benchmarks/gpu_eval.py --model random:.gpu/smollm2-config --users 512 \
+    --batch-users 256 512 128 256 512 --beam 256 --exhaustive-users 128 --check-users 1 \
+    --out "$OUT/gpu_eval.json" --profile "$OUT/eval_profile.txt" --host-profile "$OUT/eval_host_profile.txt" 2>&1 \
     | grep -v "WARNING\|real_accelerator" | tee "$OUT/eval.log"
 fi

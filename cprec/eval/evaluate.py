@@ -58,9 +58,9 @@ class EvalConfig:
     beam: int | None = None  # prefixes each user expands per search step (None: 20 CPU, 256 GPU); exact either way
     exhaustive_below: int | None = None  # fewer titles (catalogue, candidates) are all scored (None: 60 CPU, 500 GPU); exact either way
     frontier: int = 50_000  # open prefixes kept per user by the search; past it, cut and checked (still exact)
-    batch_users: int | None = None  # users whose prompts and titles share forward passes (None: 16 CPU, 128 GPU)
+    batch_users: int | None = None  # users whose prompts and titles share forward passes (None: 16 CPU, 256 GPU)
     row_nodes: int = 256  # prefix-tree nodes per row of a forward pass
-    tokens_per_pass: int | None = None  # fed positions per forward pass (None: 4096 CPU, 32768 GPU); keys add prompt+context
+    tokens_per_pass: int | None = None  # fed positions per forward pass (None: 4096 CPU, 65536 GPU); keys add prompt+context
     node_cache_mb: int | None = None  # K/V kept per batch of users in a search (None: 1024 CPU, 1/3 of free GPU memory)
     device: str = "auto"  # auto: this rank's GPU when there is one, else cpu; or cpu, cuda, cuda:N
     dtype: str = "auto"  # auto: bfloat16 on a GPU, float32 on the CPU
@@ -116,15 +116,15 @@ def sized_for(cfg: EvalConfig, device) -> EvalConfig:
     one pass, whole below 500 (`benchmarks/bench_eval.py`, `benchmarks/gpu_eval.py`)."""
     gpu = device.type == "cuda"
     exhaustive_below = cfg.exhaustive_below if cfg.exhaustive_below is not None else (500 if gpu else 3 * TOP_K)
-    return replace(cfg, batch_users=cfg.batch_users or (128 if gpu else 16),
-                   tokens_per_pass=cfg.tokens_per_pass or (32768 if gpu else 4096),
+    return replace(cfg, batch_users=cfg.batch_users or (256 if gpu else 16),
+                   tokens_per_pass=cfg.tokens_per_pass or (65536 if gpu else 4096),
                    beam=cfg.beam or (256 if gpu else 20), node_cache_mb=cfg.node_cache_mb or node_cache_default(device),
                    exhaustive_below=exhaustive_below)
 
 
 def node_cache_default(device) -> int:
-    """MB of keys and values a search keeps. A batch of 128 GPU users feeds ~450k nodes on a 10k catalogue
-    (~23 KB each for SmolLM2 in bf16: ~10 GB); when the cache is full, later rows feed ancestors again and
+    """MB of keys and values a search keeps. A batch of 256 GPU users feeds ~860k nodes on a 10k catalogue
+    (~23 KB each for SmolLM2 in bf16: ~20 GB); when the cache is full, later rows feed ancestors again and
     the search slows by ~1.7x. So a GPU gives it a third of its free memory, a CPU 1 GB."""
     import torch
 
