@@ -14,7 +14,7 @@ import torch
 from cprec.attention import register_sdpa_gqa
 from cprec.data.template import render_example
 from cprec.errors import CPRecError
-from cprec.eval.batched import BatchScorer, BestFirst, PrefixTree
+from cprec.eval.batched import BatchScorer, BestFirst, PrefixTree, pass_bounds
 from cprec.eval.metrics import rank_against_ties
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,6 +65,33 @@ def test_batched_scores_and_ranks_equal_the_one_user_path(tiny):
     assert len(set(ranks)) > 2  # the targets rank differently
     small = BatchScorer(tiny.model, tiny.tok, row_nodes=24, tokens_per_pass=80, node_cache_bytes=20_000)
     assert small.rank_users(prompts, cands, 3) == ranks
+    small.pass_overhead = 10**6  # passes packed as full as they go (a GPU's), not split to save padding
+    assert small.rank_users(prompts, cands, 3) == ranks
+
+
+def test_pass_bounds_are_the_cheapest_cuts_that_fit():
+    """Against every way of cutting rows into passes: the fewest positions computed (padding included) plus
+    the overhead per pass, no pass over the token budget unless it holds one row."""
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        widths = sorted(rng.integers(1, 40, int(rng.integers(1, 8))).tolist(), reverse=True)
+        budget, overhead = int(rng.integers(30, 120)), int(rng.integers(0, 50))
+
+        def cost(bounds):
+            passes = list(zip(bounds, bounds[1:]))
+            if any(b - a > 1 and (b - a) * widths[a] > budget for a, b in passes):
+                return float("inf")
+            return sum((b - a) * widths[a] + overhead for a, b in passes)
+
+        n = len(widths)
+        every = [[0] + [i for i in range(1, n) if mask >> (i - 1) & 1] + [n] for mask in range(2 ** (n - 1))]
+        bounds = pass_bounds(widths, budget, overhead)
+        assert bounds[0] == 0 and bounds[-1] == n and bounds == sorted(set(bounds))
+        assert cost(bounds) == min(cost(b) for b in every)
+    assert pass_bounds([74, 70, 60, 50, 40, 30, 20, 10, 5, 5, 2], 4096, 10**6) == [0, 11]  # one full pass
+    widths = [74, 70, 60, 50, 40, 30, 20, 10, 5, 5, 2]
+    bounds = pass_bounds(widths, 4096, 0)  # passes are free: none pads a row
+    assert all(len(set(widths[a:b])) == 1 for a, b in zip(bounds, bounds[1:]))
 
 
 def test_batched_full_ranking_is_the_exact_top_k(tiny):
