@@ -14,6 +14,7 @@ import torch
 from cprec.attention import register_sdpa_gqa
 from cprec.data.template import render_example
 from cprec.errors import CPRecError
+from cprec.eval import batched
 from cprec.eval.batched import BatchScorer, BestFirst, PrefixTree, pass_bounds
 from cprec.eval.metrics import rank_against_ties
 
@@ -47,13 +48,14 @@ def user_prompts(n: int) -> list[str]:
     return [render_example("Games", list(rng.choice(TITLES, 1 + (3 * u) % 8)), None, 2000)[0] for u in range(n)]
 
 
-def test_batched_scores_and_ranks_equal_the_one_user_path(tiny):
+def test_batched_scores_and_ranks_equal_the_one_user_path(tiny, monkeypatch):
+    monkeypatch.setattr(batched, "HEAD_CHUNK", 5)  # the head's chunks end inside rows and passes
     prompts = user_prompts(5)
     assert len({len(tiny.prompt_ids(p)) for p in prompts}) == 5
     rng = np.random.default_rng(2)
     cands = [list(rng.choice(TITLES, int(rng.integers(5, 20)), replace=False)) for _ in prompts]
-    batched = tiny.score_users(prompts, cands)
-    for prompt, titles, scores in zip(prompts, cands, batched):
+    together = tiny.score_users(prompts, cands)
+    for prompt, titles, scores in zip(prompts, cands, together):
         one = tiny.score(prompt, titles)
         np.testing.assert_allclose(scores, one, rtol=1e-5, atol=1e-5)
         assert [rank_against_ties(scores, i) for i in range(len(titles))] == \
@@ -65,8 +67,20 @@ def test_batched_scores_and_ranks_equal_the_one_user_path(tiny):
     assert len(set(ranks)) > 2  # the targets rank differently
     small = BatchScorer(tiny.model, tiny.tok, row_nodes=24, tokens_per_pass=80, node_cache_bytes=20_000)
     assert small.rank_users(prompts, cands, 3) == ranks
-    small.pass_overhead = 10**6  # passes packed as full as they go (a GPU's), not split to save padding
-    assert small.rank_users(prompts, cands, 3) == ranks
+    passes = {}
+    for overhead in (0, 10**6):  # passes split wherever that saves padding; packed as full as they go (a GPU's)
+        small.pass_overhead = overhead
+        counted = count_passes(small, monkeypatch)
+        assert small.rank_users(prompts, cands, 3) == ranks
+        passes[overhead] = len(counted)
+    assert passes[0] > passes[10**6]
+
+
+def count_passes(scorer: BatchScorer, monkeypatch) -> list:
+    """The forward passes `scorer` runs from now on, one entry each."""
+    counted, original = [], scorer._pass
+    monkeypatch.setattr(scorer, "_pass", lambda *args: counted.append(1) or original(*args))
+    return counted
 
 
 def test_pass_bounds_are_the_cheapest_cuts_that_fit():

@@ -58,10 +58,11 @@ from cprec.data.template import item_line
 from cprec.errors import CPRecError
 from cprec.eval.scoring import TitleScorer
 
-HEAD_CHUNK = 1024  # rows of logits materialised at once: 1024 x a 152k vocabulary in fp32 is 0.6 GB
+HEAD_CHUNK = 1024  # rows of logits materialised at once: at a 152k vocabulary in bf16, ~1.5 GB with the
+# fp32 copy and the fp32 log-probabilities
 NO_NODES = np.zeros(0, dtype=np.int64)
 PASS_OVERHEAD_CPU = 64  # positions a pass costs beyond its own on a CPU (measured: `pass_bounds`)
-PASS_OVERHEAD_GPU = 8192  # on a GPU: passes are launch-bound, so packing stays as full as it can
+PASS_OVERHEAD_GPU = 10**9  # on a GPU, bound by the host's launches: the fewest passes, then the least padding
 
 
 def sorted_unique(values: np.ndarray) -> np.ndarray:
@@ -406,7 +407,8 @@ class BatchScorer(TitleScorer):
         self.node_cache_bytes = node_cache_bytes
         self.dtype = next(model.parameters()).dtype
         # what a pass costs beyond its positions, in positions: a CPU's pass is compute-bound (a split that
-        # saves padding pays), a GPU's is bound by the host's launches (fewer, fuller passes pay)
+        # saves padding pays), a GPU's is bound by the host's launches: there the fewest passes are kept,
+        # as before `pass_bounds`, with the least padding among them (not measured on a GPU)
         self.pass_overhead = PASS_OVERHEAD_CPU if self.device.type == "cpu" else PASS_OVERHEAD_GPU
         self.reset_stats()
         self._check_head()
@@ -563,8 +565,8 @@ class BatchScorer(TitleScorer):
         tokens_t = torch.from_numpy(np.concatenate(child_tokens)).to(self.device)
         logp = torch.empty(len(tokens_t), dtype=torch.float32, device=self.device)
         for lo, a, b in zip(chunk_starts, bounds, bounds[1:]):
-            # the one-user path's log_softmax in fp32; given the dtype, CUDA reads bf16 logits and writes fp32
-            # in one kernel (a cast then logsumexp made ~3x the memory traffic: a third of a GPU search's time)
+            # the one-user path's log_softmax in fp32: a cast, then one kernel (logsumexp, then a subtraction,
+            # took several passes over the fp32 logits: with the cast, a third of a GPU search's device time)
             chunk_logp = torch.log_softmax(self.head(states[lo:lo + HEAD_CHUNK]), dim=-1, dtype=torch.float32)
             logp[a:b] = chunk_logp[child_of_t[a:b] - lo, tokens_t[a:b]]
         sizes = [len(t) for t in child_tokens]
@@ -725,17 +727,21 @@ def pass_bounds(widths: list[int], tokens_per_pass: int, overhead: int) -> list[
     its widest and holds at most `tokens_per_pass` positions (or one row). The cuts minimise the positions
     computed, padding included, plus `overhead` per pass (dynamic programming over the cut before each row).
     A pruned sampled ranking's rows are a tree level's nodes per user, of very different widths: one pass
-    per step padded them by ~60% (38% of the positions computed were padding)."""
+    per step padded them by ~60% (38% of the positions computed were padding). On this CPU, one batch of
+    16 SmolLM2 users (MovieLens Thriller) took 30.5 s in one pass per step, 25.9 s with an overhead of 64
+    positions, 28.6 s with 16 and 27.9 s with 256."""
     w = np.asarray(widths, dtype=np.int64)
     best = np.zeros(len(w) + 1)  # best[j]: cost of the first j rows
     cut = np.zeros(len(w) + 1, dtype=np.int64)  # where the last pass of the first j rows starts
     for j in range(1, len(w) + 1):
-        starts = np.arange(j)
-        cost = best[:j] + (j - starts) * w[:j] + overhead
-        cost[(j - starts) * w[:j] > tokens_per_pass] = np.inf
-        cost[j - 1] = best[j - 1] + w[j - 1] + overhead  # a row alone always fits
-        cut[j] = int(np.argmin(cost))
-        best[j] = cost[cut[j]]
+        # a pass ending at row j holds at most tokens_per_pass // w[j-1] rows (each at least w[j-1] wide):
+        # only those starts are tried, so an every-title run's thousands of rows stay linear
+        starts = np.arange(max(0, j - max(1, tokens_per_pass // max(1, int(w[j - 1])))), j)
+        cost = best[starts] + (j - starts) * w[starts] + overhead
+        cost[(j - starts) * w[starts] > tokens_per_pass] = np.inf
+        cost[-1] = best[j - 1] + w[j - 1] + overhead  # a row alone always fits
+        cut[j] = int(starts[np.argmin(cost)])
+        best[j] = cost[cut[j] - starts[0]]
     bounds = [len(w)]
     while bounds[-1]:
         bounds.append(int(cut[bounds[-1]]))

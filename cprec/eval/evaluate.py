@@ -113,7 +113,12 @@ def sized_for(cfg: EvalConfig, device) -> EvalConfig:
     Which catalogues are scored whole: on a CPU the time follows the nodes fed, and the search feeds about
     half of a 90-title MovieLens genre's tree for the top 20 (1.3x faster than scoring every title) but
     most of a 42-title one (1.2x slower), hence whole below 3 x TOP_K titles. On a GPU a small tree is
-    one pass, whole below 500 (`benchmarks/bench_eval.py`, `benchmarks/gpu_eval.py`)."""
+    one pass, whole below 500 (`benchmarks/bench_eval.py`, `benchmarks/gpu_eval.py`).
+
+    A GPU's 256 users per batch (65536 fed positions per pass) were measured on an 80 GB H100 with
+    SmolLM2-135M (~23 KB of keys and values per position in bf16): ~9 GB per pass beside ~3 GB of prompts
+    and the node cache (a third of the free memory). A model with more K/V per position, or a smaller GPU,
+    needs `batch_users` and `tokens_per_pass` lowered in proportion."""
     gpu = device.type == "cuda"
     exhaustive_below = cfg.exhaustive_below if cfg.exhaustive_below is not None else (500 if gpu else 3 * TOP_K)
     return replace(cfg, batch_users=cfg.batch_users or (256 if gpu else 16),
