@@ -128,7 +128,11 @@ class PrefixTree:
 
     def children_of(self, nodes: np.ndarray) -> np.ndarray:
         """The children of each node of `nodes`, concatenated in that order."""
-        return _ranges(self.child_ptr, self.children, nodes)[0]
+        return self.children_and_counts(nodes)[0]
+
+    def children_and_counts(self, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`children_of(nodes)`, and how many children each node of `nodes` has."""
+        return _ranges(self.child_ptr, self.children, nodes)
 
     def titles_of(self, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The titles ending at each node of `nodes` (concatenated in that order), and how many at each."""
@@ -334,8 +338,7 @@ class BestFirst:
 
     def expand(self, nodes: np.ndarray, scores: np.ndarray, logp: np.ndarray) -> None:
         """Children of `nodes` (whose prefix scores are `scores`), given `logp` of those children."""
-        counts = self.tree.child_ptr[nodes + 1] - self.tree.child_ptr[nodes]
-        children = self.tree.children_of(nodes)
+        children, counts = self.tree.children_and_counts(nodes)
         child_scores = np.repeat(scores, counts) + logp
         titles, per_child = self.tree.titles_of(children)  # several where titles' lines are identical
         inner = self.tree.has_children[children]
@@ -548,9 +551,9 @@ class BatchScorer(TitleScorer):
         so_far = 0
         for r, row in enumerate(rows):
             where = np.searchsorted(row.fed, row.expanded)
-            counts = row.tree.child_ptr[row.expanded + 1] - row.tree.child_ptr[row.expanded]
+            children, counts = row.tree.children_and_counts(row.expanded)
             child_of.append(np.repeat(np.arange(len(where)) + so_far, counts))
-            child_tokens.append(row.tree.token[row.tree.children_of(row.expanded)])
+            child_tokens.append(row.tree.token[children])
             at_row.append(np.full(len(where), r))
             at_pos.append(where)
             so_far += len(where)
