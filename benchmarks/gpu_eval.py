@@ -56,10 +56,20 @@ def users(titles: list[str], n: int, tok, seed: int = 0) -> list[dict]:
     return out
 
 
+def synchronizer(device):
+    """Waits for the device's queued work, so that a timer stops when the work is done."""
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def sized(scorer: BatchScorer, args, batch_users: int) -> None:
+    """Give `scorer` passes of --tokens-per-pass-per-user positions per user of a batch of `batch_users`."""
+    scorer.tokens_per_pass = args.tokens_per_user * batch_users
+
+
 def rank_all(scorer: BatchScorer, tree: PrefixTree, rows: list[dict], args, beam: int, batch_users: int) -> dict:
     """Full-ranking and sampled ranks of `rows` in batches of `batch_users`, with seconds of each protocol."""
-    sync = torch.cuda.synchronize if scorer.device.type == "cuda" else (lambda: None)
-    scorer.tokens_per_pass = args.tokens_per_user * batch_users
+    sync = synchronizer(scorer.device)
+    sized(scorer, args, batch_users)
     full, sampled, seconds = [], [], {"full": 0.0, "sampled": 0.0}
     for lo in range(0, len(rows), batch_users):
         batch = rows[lo:lo + batch_users]
@@ -97,12 +107,15 @@ def scorer_for(device, dtype, args) -> BatchScorer:
                        node_cache_bytes=(args.node_cache_mb or node_cache_default(device)) << 20)
 
 
-def profile_batch(scorer: BatchScorer, tree: PrefixTree, rows: list[dict], args, out: Path) -> None:
+def profile_batch(scorer: BatchScorer, tree: PrefixTree, rows: list[dict], args, batch_users: int,
+                  out: Path) -> None:
     """Where one batch's search spends its time: the model's kernels, or the host's bookkeeping between them."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if scorer.device.type == "cuda" else [])
-    sync = torch.cuda.synchronize if scorer.device.type == "cuda" else (lambda: None)
+    rows = rows[:batch_users]
+    sized(scorer, args, batch_users)
+    sync = synchronizer(scorer.device)
     sync()
     started = time.perf_counter()
     with profile(activities=activities) as prof:
@@ -123,12 +136,11 @@ def host_profile(scorer: BatchScorer, tree: PrefixTree, rows: list[dict], args, 
     import io
     import pstats
 
-    scorer.tokens_per_pass = args.tokens_per_user * batch_users
+    sized(scorer, args, batch_users)
     profiler = cProfile.Profile()
     profiler.enable()
     scorer.top_k_users([r["prompt"] for r in rows[:batch_users]], tree, TOP_K, args.beam[0], frontier=args.frontier)
-    if scorer.device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronizer(scorer.device)()
     profiler.disable()
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(35)
@@ -195,11 +207,10 @@ def main():
     if args.host_profile:
         host_profile(scorer, tree, rows, args, batch_users, Path(args.host_profile))
     if args.profile:  # the last batch size: where its time goes
-        scorer.tokens_per_pass = args.tokens_per_user * args.batch_users[-1]
-        profile_batch(scorer, tree, rows[:args.batch_users[-1]], args, Path(args.profile))
-    scorer.tokens_per_pass = args.tokens_per_user * batch_users
+        profile_batch(scorer, tree, rows, args, args.batch_users[-1], Path(args.profile))
+    sized(scorer, args, batch_users)
     exhaustive_rows = rows[:args.exhaustive_users]
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     sync()
     started = time.perf_counter()
     exhaustive = []
