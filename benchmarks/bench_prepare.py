@@ -39,7 +39,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--cases", nargs="*", default=list(CASES))
     args = parser.parse_args()
-    print(f"| case | rows read | kept interactions | raw MB | seconds | rows/s | peak RSS MB | RSS bytes/kept |")
+    print("| case | rows read | kept interactions | raw MB | seconds | rows/s | peak RSS MB | RSS bytes/kept |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.cases:
         with tempfile.TemporaryDirectory() as tmp:

@@ -173,7 +173,7 @@ def main():
     ratio = statistics.median(o / b for o, b in rounds)
     ours, bare = statistics.mean(o for o, _ in rounds), statistics.mean(b for _, b in rounds)
     print(f"\ntrainer overhead against the bare loop (median over rounds): {1 - ratio:.1%} (goal: at most 10%)")
-    print(f"\n| loop | real tokens/s | relative |")
+    print("\n| loop | real tokens/s | relative |")
     print("|---|---|---|")
     print(f"| bare torch loop (AdamW) | {bare:,.0f} | 1.00 |")
     print(f"| CPRec trainer (DeepSpeed ZeRO-3, 1 rank) | {ours:,.0f} | {ours / bare:.2f} |")

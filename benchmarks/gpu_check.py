@@ -125,15 +125,15 @@ def packed_rows_check(shards: Path, cuda: bool, rows: int = 4) -> dict:
     return result
 
 
-def train_config(tmp: Path, slug: str, model: dict, shards: Path, steps: int, micro: int, cuda: bool,
+def train_config(tmp: Path, run: str, model: dict, shards: Path, steps: int, micro: int, cuda: bool,
                  every: int = 10**9, extra: dict | None = None) -> Path:
-    cfg = {"run_dir": str(tmp / slug), "shards": str(shards), "model": model, "global_batch": micro,
+    cfg = {"run_dir": str(tmp / run), "shards": str(shards), "model": model, "global_batch": micro,
            "micro_batch": micro, "seed": 0, "plots": False, "mixture": {"a": 1.0}, "log_every": 1,
            "deepspeed": str(REPO / "ds_configs" / ("zero3_bf16.json" if cuda else "zero3_fp32_cpu.json")),
            "schedule": {"peak_lr": 1e-4, "min_lr": 1e-5, "warmup_steps": 1, "stable_steps": steps - 1,
                         "anneal_steps": 0},
            "checkpoint": {"every": every, "keep_last": 2}, **(extra or {})}
-    path = tmp / f"{slug}.yaml"
+    path = tmp / f"{run}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -150,26 +150,32 @@ def run_train(config: Path, extra: list[str], timeout: int) -> str | None:
     return proc.stderr[-2000:] if proc.returncode else None
 
 
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text)
+
+
 def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def measured(run: Path) -> dict:
+    """A run's median tokens/s and MFU after 3 warm-up steps, its peak memory and final loss."""
+    records = metrics(run)[3:]
+    return {"steps_measured": len(records), "tokens_per_s": statistics.median(r["tokens_per_s"] for r in records),
+            "mfu": statistics.median(r["mfu"] for r in records) if "mfu" in records[-1] else None,
+            "peak_memory_gb": max(r.get("peak_memory_gb") or 0 for r in records) or None,
+            "final_loss": records[-1]["loss"]}
+
+
 def throughput(tmp: Path, name: str, model: dict, shards: Path, steps: int, micro: int, cuda: bool,
                timeout: int) -> dict:
-    """The trainer through launch/train.py on one device; median tokens/s and MFU after 3 warm-up steps."""
-    slug = "".join(c if c.isalnum() else "_" for c in f"{name}_{model['attn']}")
+    """The trainer through launch/train.py on one device (`measured`)."""
+    run = slug(f"{name}_{model['attn']}")
     began = time.perf_counter()
-    error = run_train(train_config(tmp, slug, model, shards, steps, micro, cuda), [], timeout)
+    error = run_train(train_config(tmp, run, model, shards, steps, micro, cuda), [], timeout)
     if error:
         return {"model": name, "attn": model["attn"], "error": error}
-    records = metrics(tmp / slug)[3:]
-    out = {"model": name, "attn": model["attn"], "steps_measured": len(records),
-           "tokens_per_s": statistics.median(r["tokens_per_s"] for r in records),
-           "final_loss": records[-1]["loss"] if records else None,
-           "wall_s": round(time.perf_counter() - began, 1)}
-    if records and "mfu" in records[-1]:
-        out["mfu"] = statistics.median(r["mfu"] for r in records)
-    return out
+    return {"model": name, "attn": model["attn"], **measured(tmp / run), "wall_s": round(time.perf_counter() - began, 1)}
 
 
 def ds_variant(tmp: Path, name: str, cuda: bool, zero: dict | None = None, top: dict | None = None) -> str:
@@ -218,22 +224,15 @@ def levers(tmp: Path, models: dict, shards: Path, steps: int, micro: int, seq_le
                 continue
             if only is not None and label not in only and not any(label.startswith(o) for o in only):
                 continue
-            slug = "lever_" + "".join(c if c.isalnum() else "_" for c in f"{name}_{label}")
+            run = "lever_" + slug(f"{name}_{label}")
             extra = dict(keys)
             if zero:
-                extra["deepspeed"] = ds_variant(tmp, slug, cuda, zero)
+                extra["deepspeed"] = ds_variant(tmp, run, cuda, zero)
             began = time.perf_counter()
-            error = run_train(train_config(tmp, slug, model, shards, steps, micro * times, cuda, extra=extra), [],
+            error = run_train(train_config(tmp, run, model, shards, steps, micro * times, cuda, extra=extra), [],
                               timeout)
             row = {"setting": label, "rows": micro * times, "wall_s": round(time.perf_counter() - began, 1)}
-            if error:
-                row["error"] = error[-600:]
-            else:
-                records = metrics(tmp / slug)[3:]
-                row.update(tokens_per_s=statistics.median(r["tokens_per_s"] for r in records),
-                           mfu=statistics.median(r["mfu"] for r in records) if "mfu" in records[-1] else None,
-                           peak_memory_gb=max(r.get("peak_memory_gb") or 0 for r in records) or None,
-                           final_loss=records[-1]["loss"])
+            row.update({"error": error[-600:]} if error else measured(tmp / run))
             rows.append(row)
             print(json.dumps({"model": name, **row}), flush=True)
             report.setdefault("levers", {})[name] = rows
@@ -336,7 +335,7 @@ def main():
         if "error" in r:
             print(f"| {r['model']} | {r['attn']} | failed: {r['error'][-300:]!r} | | |")
             continue
-        mfu = f"{r['mfu']:.1%}" if "mfu" in r else "n/a"
+        mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "n/a"
         print(f"| {r['model']} | {r['attn']} | {micro} x {seq_len} | {r['tokens_per_s']:,.0f} | {mfu} |")
 
 

@@ -137,7 +137,6 @@ def cmd_sft(args) -> int:
     print(f"fine-tuning {args.model} on {', '.join(cfg.mixture) or 'every sft stream'}: "
           f"{cfg.schedule.total_steps} steps of {cfg.global_batch} rows", flush=True)
     last, hf = finetune(cfg, resume=args.resume)
-    __import__("torch").distributed.destroy_process_group()
     if hf is None:
         print(f"stopped at step {last.get('step', 0)}; continue with `cprec sft ... --resume`")
         return 0

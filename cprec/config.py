@@ -193,19 +193,25 @@ def _config_file(path: Path) -> Path:
     raise ConfigError(f"config file not found: {path}")
 
 
+def read_config_file(path: str | Path) -> tuple[Path, dict]:
+    """(the file found for `path` (`_config_file`), its YAML mapping); errors name the file and line."""
+    path = _config_file(Path(path))
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(_yaml_error(str(path), exc) + "; fix the file") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return path, loaded
+
+
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None,
                 base: dict | None = None) -> Any:
     """Load `cls` from optional defaults `base`, a YAML file, then `key=value` overrides (later wins)."""
     data: dict = dict(base or {})
     origin = "defaults"
     if path is not None:
-        path = _config_file(Path(path))
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(_yaml_error(str(path), exc) + "; fix the file") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
+        path, loaded = read_config_file(path)
         data = deep_merge(data, loaded)
         origin = str(path)
     if overrides:

@@ -33,9 +33,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from cprec.config import ConfigError, deep_merge, from_dict, parse_overrides, to_dict
+from cprec.config import deep_merge, from_dict, parse_overrides, read_config_file, to_dict
 from cprec.data.prepare import PrepareConfig
 from cprec.errors import CPRecError
 from cprec.eval.evaluate import EvalConfig
@@ -105,15 +103,7 @@ class ExperimentConfig:
 
 def load_experiment_config(path: str | Path, size: str | None = None, overrides: list[str] = ()) -> ExperimentConfig:
     """The YAML file, then its `sizes.<size>` overlay, then `key=value` overrides; typed (errors name the key)."""
-    from cprec.config import _config_file
-
-    path = _config_file(Path(path))
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
+    path, data = read_config_file(path)
     if size is not None:
         sizes = data.get("sizes") or {}
         if size not in sizes:

@@ -75,7 +75,6 @@ def run_quickstart(args) -> int:
     if args.sft_steps:
         runs.update(quickstart_sft(out, hf, eval_cfg, args, stage))
     swept = stage("sweep", lambda: quickstart_sweep(out, cfg, args)) if getattr(args, "sweep", False) else None
-    __import__("torch").distributed.destroy_process_group()
     report = write_quickstart_report(out, runs, timings, prepared, index, cfg, last, args, swept)
     print("\n" + report.read_text())
     print(f"report: {report}; outputs in {out}: prepared/, shards/, run/ (metrics.jsonl, plots/, checkpoints/), "

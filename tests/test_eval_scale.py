@@ -106,6 +106,7 @@ def test_pass_bounds_are_the_cheapest_cuts_that_fit():
     widths = [74, 70, 60, 50, 40, 30, 20, 10, 5, 5, 2]
     bounds = pass_bounds(widths, 4096, 0)  # passes are free: none pads a row
     assert all(len(set(widths[a:b])) == 1 for a, b in zip(bounds, bounds[1:]))
+    assert pass_bounds([], 4096, 64) == [0]  # no rows (every user's search done): no pass
 
 
 def test_batched_full_ranking_is_the_exact_top_k(tiny):

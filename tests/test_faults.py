@@ -184,6 +184,13 @@ def test_malformed_yaml_in_a_config_file_or_override_is_named(tmp_path, capsys):
                                           r"'\]', but got ':' \(while parsing a flow sequence started at line 2, "
                                           r"column 21\)"):
         load_config(PrepareConfig, config)
+    from cprec.experiment import load_experiment_config  # `cprec experiment` reads its file the same way
+
+    with pytest.raises(ConfigError, match=r"prepare\.yaml: not valid YAML at line 3, column 7"):
+        load_experiment_config(config)
+    config.with_name("list.yaml").write_text("- prepare\n- train\n")
+    with pytest.raises(ConfigError, match=r"list\.yaml: the top level must be a mapping"):
+        load_experiment_config(config.with_name("list.yaml"))
     with pytest.raises(ConfigError, match=r"override 'downstream_domains=\[Games': not valid YAML .*expected "
                                           r"',' or '\]'.*quote"):
         load_config(PrepareConfig, None, ["k_core=3", "downstream_domains=[Games"])
