@@ -17,6 +17,10 @@ Prints:
     per user of exhaustive scoring and of best-first search, uncapped and with a frontier cap, with the
     peak frontier, how many users the cap sent to exhaustive scoring, and whether every top-20 agrees.
 
+The MovieLens paths take turns batch by batch (`interleaved`): on this VM a path timed minutes after another
+met another machine speed (an earlier version timed each path over all batches in turn: the pruned sampled
+path measured 2.5x at 9bd68fa and 2.1x at ecc8e0e, whose scoring differs only by a refactor).
+
 Run: python benchmarks/bench_eval.py [--units 2] [--domain Thriller] [--threads 2] [--large-users 2]
 """
 
@@ -40,6 +44,28 @@ def timed(fn):
     started = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - started
+
+
+def interleaved(paths: dict, slices: list, prompts: list, cands: list):
+    """Each path on each drawn batch, the paths taking turns batch by batch (in their order on even batches,
+    reversed on odd ones), so that the VM's drift over minutes (identical runs differed by up to 1.5x here)
+    falls on all of them alike rather than on whichever ran last. Returns each path's outputs in user order, its seconds, and the tree nodes it fed
+    and expanded (`BatchScorer.stats`)."""
+    out = {name: [] for name in paths}
+    seconds = dict.fromkeys(paths, 0.0)
+    fed = {name: [0, 0] for name in paths}
+    names = list(paths)
+    for b, at in enumerate(slices):
+        for name in names if b % 2 == 0 else names[::-1]:
+            fn, scorer, attention = paths[name]
+            scorer.model.set_attn_implementation(attention)
+            scorer.reset_stats()
+            result, took = timed(lambda: fn(prompts[at], cands[at]))
+            out[name] += result
+            seconds[name] += took
+            fed[name][0] += scorer.stats["fed_nodes"]
+            fed[name][1] += scorer.stats["expanded_nodes"]
+    return out, seconds, fed
 
 
 def matmul_gflops(threads: int) -> float:
@@ -91,10 +117,6 @@ def movielens(args) -> list[str]:
     n = len(users)
     slices = [slice(lo, lo + len(u.users)) for lo, u in zip(np.cumsum([0] + [len(u.users) for u in picked]), picked)]
 
-    def per_batch(fn):
-        """fn(prompts, candidates) of each drawn batch in turn, as `cprec evaluate` runs them; timed."""
-        return timed(lambda: [x for at in slices for x in fn(prompts[at], cands[at])])
-
     scorer.score_users(prompts[:1], cands[:1])  # warm-up (first-call allocations)
     trie = TitleTrie([scorer.line_ids(t) for t in ds.titles], ds.titles)
     tree = PrefixTree(scorer.lines_ids(ds.titles))
@@ -103,30 +125,26 @@ def movielens(args) -> list[str]:
     top_ids = lambda tops: [[i for i, _ in top] for top in tops]  # noqa: E731
     target_ranks = lambda tops: [ids.index(t) if t in ids else None  # noqa: E731
                                  for ids, t in zip(top_ids(tops), targets)]
-    work, fed = LinearWork(model), {}
-
-    def counted(name, fn):
-        scorer.reset_stats()
-        out = per_batch(fn)
-        fed[name] = (scorer.stats["fed_nodes"] / n, scorer.stats["expanded_nodes"] / n)
-        return out
-
+    work = LinearWork(model)
     loaded = model.config._attn_implementation  # what `cprec evaluate` runs (sdpa_gqa on a CPU)
-    model.set_attn_implementation("sdpa")  # the one-user path as before batching: transformers' own SDPA
-    one_s, t_one_s = timed(lambda: [scorer.score(p, c) for p, c in zip(prompts, cands)])
-    one_f, t_one_f = timed(lambda: [scorer.top_k(p, trie, TOP_K, exhaustive_below=500)  # as before batching
-                                    for p in prompts])
-    model.set_attn_implementation(loaded)
-    batch_s, t_batch_s = counted("sampled", scorer.score_users)
-    pruned_s, t_pruned_s = counted("pruned", scorer.rank_users)
-    batch_f, t_batch_f = counted("full", lambda p, _: scorer.top_k_users(p, tree, TOP_K, exhaustive=True))
-    search_f, t_search_f = counted("search", lambda p, _: scorer.top_k_users(p, tree, TOP_K, beam=cfg.beam))
-    diff = max(float(np.abs(a - b).max()) for a, b in zip(one_s, batch_s))
     model16, _ = load_model("smollm2", dtype=torch.bfloat16)
     bf16 = BatchScorer(model16, tok, cfg.row_nodes, cfg.tokens_per_pass, cfg.node_cache_mb << 20)
     bf16.score_users(prompts[:1], cands[:1])
-    bf16_s, t_bf16_s = per_batch(bf16.score_users)
-    bf16_f, t_bf16_f = per_batch(lambda p, _: bf16.top_k_users(p, tree, TOP_K, exhaustive=True))
+    paths = {  # name: (fn(prompts, candidates) of one batch, its scorer, the attention it runs on)
+        # the one-user path as before batching: transformers' own SDPA, full ranking scored whole below 500
+        "one_s": (lambda p, c: [scorer.score(u, cu) for u, cu in zip(p, c)], scorer, "sdpa"),
+        "one_f": (lambda p, _: [scorer.top_k(u, trie, TOP_K, exhaustive_below=500) for u in p], scorer, "sdpa"),
+        "sampled": (scorer.score_users, scorer, loaded),
+        "pruned": (scorer.rank_users, scorer, loaded),
+        "full": (lambda p, _: scorer.top_k_users(p, tree, TOP_K, exhaustive=True), scorer, loaded),
+        "search": (lambda p, _: scorer.top_k_users(p, tree, TOP_K, beam=cfg.beam), scorer, loaded),
+        "bf16_s": (bf16.score_users, bf16, loaded),
+        "bf16_f": (lambda p, _: bf16.top_k_users(p, tree, TOP_K, exhaustive=True), bf16, loaded)}
+    out, seconds, fed = interleaved(paths, slices, prompts, cands)
+    fed = {name: (fed[name][0] / n, fed[name][1] / n) for name in ("sampled", "pruned", "full", "search")}
+    one_s, one_f, batch_s, pruned_s, batch_f, search_f, bf16_s, bf16_f = (out[k] for k in paths)
+    t_one_s, t_one_f, t_batch_s, t_pruned_s, t_batch_f, t_search_f, t_bf16_s, t_bf16_f = (seconds[k] for k in paths)
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(one_s, batch_s))
     peak = matmul_gflops(torch.get_num_threads())
     prompt_tokens = np.mean([lengths[i] for i in users])
     title_ids = scorer.lines_ids(ds.titles)
