@@ -49,8 +49,8 @@ def timed(fn):
 def interleaved(paths: dict, slices: list, prompts: list, cands: list):
     """Each path on each drawn batch, the paths taking turns batch by batch (in their order on even batches,
     reversed on odd ones), so that the VM's drift over minutes (identical runs differed by up to 1.5x here)
-    falls on all of them alike rather than on whichever ran last. Returns each path's outputs in user order, its seconds, and the tree nodes it fed
-    and expanded (`BatchScorer.stats`)."""
+    falls on all of them alike rather than on whichever ran last. Returns each path's outputs in user order,
+    its seconds, and the tree nodes it fed and expanded (`BatchScorer.stats`)."""
     out = {name: [] for name in paths}
     seconds = dict.fromkeys(paths, 0.0)
     fed = {name: [0, 0] for name in paths}

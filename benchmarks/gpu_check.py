@@ -175,7 +175,8 @@ def throughput(tmp: Path, name: str, model: dict, shards: Path, steps: int, micr
     error = run_train(train_config(tmp, run, model, shards, steps, micro, cuda), [], timeout)
     if error:
         return {"model": name, "attn": model["attn"], "error": error}
-    return {"model": name, "attn": model["attn"], **measured(tmp / run), "wall_s": round(time.perf_counter() - began, 1)}
+    return {"model": name, "attn": model["attn"], **measured(tmp / run),
+            "wall_s": round(time.perf_counter() - began, 1)}
 
 
 def ds_variant(tmp: Path, name: str, cuda: bool, zero: dict | None = None, top: dict | None = None) -> str:

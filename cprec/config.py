@@ -107,6 +107,12 @@ def from_dict(cls: type, data: dict, origin: str = "config", prefix: str = "") -
     return obj
 
 
+def field_value(cls: type, name: str, value: Any, origin: str = "config") -> Any:
+    """`value` checked as `from_dict` checks `cls`'s field `name` (the same conversions and errors), for a
+    field read before the whole config is built."""
+    return _coerce(value, typing.get_type_hints(cls)[name], name, origin)
+
+
 def to_dict(obj: Any) -> dict:
     return dataclasses.asdict(obj)
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from cprec.config import ConfigError, deep_merge, from_dict, parse_overrides, read_config_file, to_dict
+from cprec.config import deep_merge, field_value, from_dict, parse_overrides, read_config_file, to_dict
 from cprec.data.prepare import PrepareConfig
 from cprec.errors import CPRecError
 from cprec.eval.evaluate import EvalConfig
@@ -105,10 +105,7 @@ def load_experiment_config(path: str | Path, size: str | None = None, overrides:
     """The YAML file, then its `sizes.<size>` overlay, then `key=value` overrides; typed (errors name the key)."""
     path, data = read_config_file(path)
     if size is not None:
-        sizes = data.get("sizes") or {}
-        if not isinstance(sizes, dict) or not all(isinstance(v, dict) for v in sizes.values()):
-            raise ConfigError(f"{path}: sizes must map each size's name to the keys it changes "
-                              f"(sizes: {{small: {{steps: 10}}}}), got {sizes!r}")
+        sizes = field_value(ExperimentConfig, "sizes", data.get("sizes") or {}, str(path))  # before merging it
         if size not in sizes:
             raise CPRecError(f"--size {size}: {path} has no sizes.{size} (sizes: {', '.join(sizes) or 'none'})")
         data = deep_merge(data, sizes[size])

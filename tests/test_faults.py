@@ -192,7 +192,7 @@ def test_malformed_yaml_in_a_config_file_or_override_is_named(tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"list\.yaml: the top level must be a mapping"):
         load_experiment_config(config.with_name("list.yaml"))
     config.with_name("sizes.yaml").write_text("sizes:\n  small: 3\n")  # an overlay that is not a mapping
-    with pytest.raises(ConfigError, match=r"sizes\.yaml: sizes must map each size's name to the keys it changes"):
+    with pytest.raises(ConfigError, match=r"sizes\.yaml: 'sizes\.small' must be a mapping, got int"):
         load_experiment_config(config.with_name("sizes.yaml"), "small")
     with pytest.raises(ConfigError, match=r"override 'downstream_domains=\[Games': not valid YAML .*expected "
                                           r"',' or '\]'.*quote"):
