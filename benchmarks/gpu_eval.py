@@ -16,7 +16,7 @@ search, which does not depend on the weights).
 
 --model random:DIR builds SmolLM2's architecture from DIR/config.json with random weights, its head scaled
 x10 so that its next-token distributions are peaked as a trained model's are (as bench_eval's 20k catalogue),
-and DIR's tokenizer: for a GPU machine that the 1.7 GB weights package cannot reach. Its search figures are a
+and DIR's tokenizer: for a GPU machine without the weights (they can travel: gpu_experiment_prepare.sh). Its search figures are a
 stand-in (a search's work depends on the weights); its exhaustive figures are not.
 
 Run:  python benchmarks/gpu_eval.py [--users 1024] [--catalogue 10000] [--batch-users 256 512] [--out gpu_eval.json]

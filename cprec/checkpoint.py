@@ -8,6 +8,13 @@ marker (a save killed half-way) is never loaded and is removed by the next run. 
 the files against the marker: a truncated or altered file is named, and resume falls back to the newest
 checkpoint that checks out. Retention keeps the last K complete checkpoints, the stable-phase branch points
 at a configured interval, and the latest.
+
+A checkpoint's `.pt` files are pickles, and DeepSpeed unpickles them with `weights_only=False`: a file from
+elsewhere could run any code on load, and the file table is no defence (anyone can recompute it). So before
+DeepSpeed (resume, `--anneal-from`, the universal conversion) or the export reads a checkpoint, every `.pt`
+file is unpickled once with PyTorch's restricted unpickler (`weights_only=True`, memory-mapped: the tensors
+are not read), allowing only tensors, plain containers and the few DeepSpeed types its own files hold
+(`SAFE_GLOBALS`); a file that needs anything else is refused, naming it and what it asked for.
 """
 
 from __future__ import annotations
@@ -82,6 +89,57 @@ def file_problems(checkpoint: Path, names: list[str] | None = None) -> list[str]
     return problems
 
 
+# DeepSpeed types that its ZeRO checkpoints pickle (found by loading the files of every ZeRO stage this project
+# writes with the restricted unpickler): data holders whose state is restored without running their code
+SAFE_GLOBALS = ["deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+                "deepspeed.runtime.zero.config.ZeroStageEnum",
+                "deepspeed.utils.tensor_fragment.fragment_address"]
+
+
+def _safe_globals() -> list:
+    import importlib
+
+    found = []
+    for name in SAFE_GLOBALS:
+        module, _, attr = name.rpartition(".")
+        found.append(getattr(importlib.import_module(module), attr))
+    return found
+
+
+def unsafe_pickle(path: Path) -> str | None:
+    """Why `path` may not be unpickled (it needs a global outside the allow-list, or is no pickle), or None."""
+    import pickle
+
+    import torch
+
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))  # "Unsupported global: GLOBAL x", or "... GLOBAL x whose module is blocked"
+        what = f"needs {found.group(1)}" if found else f"cannot be read safely ({str(exc).splitlines()[0]})"
+        return f"{path} {what}, which a checkpoint of CPRec never holds"
+    except (RuntimeError, OSError, EOFError) as exc:  # not a torch file at all
+        return f"{path} is not a readable PyTorch file ({str(exc).splitlines()[0]})"
+    return None
+
+
+def refuse_unsafe_pickles(checkpoint: Path) -> None:
+    """Raise naming every `.pt` file of the checkpoint that could run code when loaded."""
+    refuse_unsafe(checkpoint, unsafe_pickles(checkpoint, checkpoint_files(checkpoint)))
+
+
+def refuse_unsafe(checkpoint: Path, problems: list[str]) -> None:
+    if problems:
+        raise CPRecError(f"refusing to load {checkpoint}: {'; '.join(problems)}. Loading it could run code from "
+                         f"the file; only load checkpoints you trust (docs: checkpoints from elsewhere)")
+
+
+def unsafe_pickles(checkpoint: Path, names: list[str]) -> list[str]:
+    return [p for p in (unsafe_pickle(Path(checkpoint) / n) for n in names if n.endswith(".pt")) if p]
+
+
 def verify_files(checkpoint: Path) -> None:
     problems = file_problems(checkpoint)
     if problems:
@@ -115,13 +173,30 @@ def latest_complete(root: Path) -> str | None:
 def read_state(checkpoint: Path) -> dict:
     """The training state of a complete checkpoint directory (run/checkpoints/stepNNNNNNNN)."""
     marker = Path(checkpoint) / MARKER
+    if not Path(checkpoint).exists():
+        tags = complete_tags(Path(checkpoint).parent)
+        now = f"; the complete checkpoints there now: {', '.join(tags)}" if tags else ""
+        raise CPRecError(f"{checkpoint} does not exist: never written, or removed by the run's retention "
+                         f"(checkpoint.keep_last) since{now}")
     if not marker.is_file():
-        raise CPRecError(f"{checkpoint} is not a complete checkpoint (no {MARKER}); it may have been interrupted")
+        raise CPRecError(f"{checkpoint} is not a complete checkpoint (no {MARKER}): a save in progress, or one "
+                         f"that was interrupted")
     return json.loads(marker.read_text())
+
+
+def refuse_links(root: Path) -> None:
+    """Refuse a checkpoints folder holding a symbolic link: CPRec removes and prunes what is there, and
+    deleting through a link would delete what it points to (or fail half-way)."""
+    links = sorted(str(p) for p in root.iterdir() if p.is_symlink()) if root.is_dir() else []
+    if links:
+        raise CPRecError(f"{', '.join(links)}: a symbolic link among the run's checkpoints; CPRec writes, prunes "
+                         f"and removes its checkpoints itself and never follows a link there. Move the "
+                         f"checkpoint back into {root} or remove the link")
 
 
 def remove_incomplete(root: Path) -> list[str]:
     """Delete checkpoint directories without a marker (saves that were killed); return their tags."""
+    refuse_links(root)
     removed = []
     if root.is_dir():
         for p in sorted(root.iterdir()):
@@ -140,6 +215,9 @@ def prune(root: Path, keep_last: int, is_branch_point) -> list[str]:
     removed = []
     for tag in tags:
         if tag in keep or tag == latest or is_branch_point(step_of(tag)):
+            continue
+        if (root / tag).is_symlink():  # made during the run (refused at its start): never delete through it
+            print(f"retention: {root / tag} is a symbolic link; left as it is", flush=True)
             continue
         shutil.rmtree(root / f"{tag}_universal", ignore_errors=True)
         shutil.rmtree(root / tag)

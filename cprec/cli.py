@@ -49,6 +49,11 @@ def cmd_prepare(args) -> int:
     print(f"\nprepared {manifest['counts']['interactions']:,} interactions of {manifest['counts']['users']:,} users "
           f"in {manifest['seconds']:.1f} s -> {args.out} ({rejects['total']:,} rejected rows of "
           f"{rejects['rows_read']:,} read)")
+    short = {s: st["short_windows_dropped"] for s, st in manifest["streams"].items() if st.get("short_windows_dropped")}
+    if short:
+        print(f"left out {sum(short.values()):,} windows with fewer than min_doc_items items (a title that fills a "
+              f"document's budget alone): " + ", ".join(f"{s} {n:,}" for s, n in short.items()) +
+              " (manifest.json: streams.*.short_windows_dropped)")
     return 0
 
 
@@ -106,9 +111,9 @@ def cmd_inspect(args) -> int:
         print(f"\nverified {data.verify()} shards: every checksum and table is consistent, the stream totals "
               f"match the shard entries and every shard file on disk is listed")
     if args.row is not None:
-        from cprec.backbone import load_tokenizer, resolve_tokenizer
+        from cprec.backbone import load_tokenizer, packed_tokenizer
 
-        tok = load_tokenizer(resolve_tokenizer(args.tokenizer or idx["tokenizer"]["name"]))
+        tok = load_tokenizer(packed_tokenizer(idx, args.tokenizer, f"the shards of {data.root}"))
         tokens, lens, prompts = data.row(args.stream, args.row)
         pos = 0
         print(f"\nrow {args.row} of '{args.stream}': {len(lens)} documents, {int(lens.sum())} tokens, "
@@ -333,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quickstart", help="the whole pipeline on MovieLens-1M with the embedded defaults")
     p.add_argument("--out", default="runs/quickstart", help="output directory (default: runs/quickstart)")
-    p.add_argument("--seq-len", dest="seq_len", type=int, default=512, help="tokens per packed row (default 512)")
+    p.add_argument("--seq-len", dest="seq_len", type=int, default=256, help="tokens per packed row (default 256)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="pack workers (default: all cores)")
     p.add_argument("--eval-users", dest="eval_users", type=int, default=10,
                    help="test users per downstream domain to evaluate (default 10: minutes on a CPU)")

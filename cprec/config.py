@@ -113,6 +113,12 @@ def field_value(cls: type, name: str, value: Any, origin: str = "config") -> Any
     return _coerce(value, typing.get_type_hints(cls)[name], name, origin)
 
 
+def check_seed(seed: int, key: str = "seed") -> None:
+    """Seeds feed numpy's and torch's generators, which take whole numbers from 0 to 2**32 - 1 (numpy) only."""
+    if not 0 <= seed < 2 ** 32:
+        raise ConfigError(f"{key} must be a whole number from 0 to {2 ** 32 - 1} (numpy's seeds), got {seed}")
+
+
 def to_dict(obj: Any) -> dict:
     return dataclasses.asdict(obj)
 

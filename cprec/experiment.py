@@ -33,7 +33,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from cprec.config import deep_merge, field_value, from_dict, parse_overrides, read_config_file, to_dict
+from cprec import staging
+from cprec.config import check_seed, deep_merge, field_value, from_dict, parse_overrides, read_config_file, to_dict
 from cprec.data.prepare import PrepareConfig
 from cprec.errors import CPRecError
 from cprec.eval.evaluate import EvalConfig
@@ -51,7 +52,8 @@ COMPARISONS = [("cpt_sft", "sft"), ("cpt_sft", "sasrec"), ("cpt", "base")]  # (A
 TESTED_METRICS = ["HR@10", "NDCG@10"]
 MARKER = "experiment.json"
 SPEED_KEYS = {"pack_workers", "sizes", "eval.batch_users", "eval.row_nodes", "eval.tokens_per_pass",
-              "eval.node_cache_mb", "eval.beam", "eval.frontier", "eval.exhaustive_below"}  # not eval.device / dtype: bf16 reorders ranks
+              "eval.node_cache_mb", "eval.beam", "eval.frontier", "eval.exhaustive_below",
+              "description"}  # not eval.device / dtype: bf16 reorders ranks; description is prose
 
 
 @dataclass
@@ -63,30 +65,40 @@ class CPTStage:
 
 @dataclass
 class SFTStage:
-    config: str = "launch/configs/sft.yaml"
+    config: str = "launch/configs/sft.yaml"  # the fine-tuning recipe (shipped or a path)
     epochs: float | None = 1.0  # passes over the held-out domains' fine-tuning streams (null: the config's steps)
-    overrides: list[str] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)  # key=value on the recipe
 
 
 @dataclass
 class ExperimentConfig:
-    name: str = "experiment"
-    data: PrepareConfig = field(default_factory=PrepareConfig)
+    name: str = "experiment"  # the report's title
+    data: PrepareConfig = field(default_factory=PrepareConfig)  # the prepare config (its table above)
     seq_len: int = 1024  # packed row length; data.window_tokens must be seq_len - 1 when budgeted in tokens
-    pack_workers: int = 1
+    pack_workers: int = 1  # pack processes
     model: str = "smollm2"  # the backbone: smollm2 or a Hugging Face folder
     model_config: dict[str, Any] | None = None  # instead: a random Llama of this config (tests), saved as OUT/base
-    cpt: CPTStage = field(default_factory=CPTStage)
-    sft: SFTStage = field(default_factory=SFTStage)
-    sasrec: SASRecConfig = field(default_factory=SASRecConfig)
-    eval: EvalConfig = field(default_factory=lambda: EvalConfig(protocol="full"))
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    cpt: CPTStage = field(default_factory=CPTStage)  # continual pre-training
+    sft: SFTStage = field(default_factory=SFTStage)  # fine-tuning, from the backbone and from CPT
+    sasrec: SASRecConfig = field(default_factory=SASRecConfig)  # the SASRec baseline (its table above)
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(protocol="full"))  # the evaluation (its table above; protocol: full here)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # fine-tuning and SASRec seeds
     bootstrap: int = 10_000  # paired bootstrap resamples
     sizes: dict[str, dict[str, Any]] = field(default_factory=dict)  # named overlays chosen by --size
+    models: list[str] = field(default_factory=lambda: list(MODELS))  # the models run and reported (base always)
+    description: str = ""  # what this size's numbers can and cannot show: the report prints it
 
     def validate(self) -> None:
+        unknown = [m for m in self.models if m not in MODELS]
+        if unknown or "base" not in self.models or len(set(self.models)) != len(self.models):
+            raise CPRecError(f"models must be distinct names among {', '.join(MODELS)} and include base (every "
+                             f"comparison is on the backbone's test users), got {self.models}")
+        if "cpt_sft" in self.models and "cpt" not in self.models:
+            raise CPRecError("models: cpt_sft fine-tunes the continual pre-training's model, so it needs cpt too")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise CPRecError(f"seeds must be a non-empty list of distinct integers, got {self.seeds}")
+        for seed in self.seeds:
+            check_seed(seed, "seeds")
         if self.model_config is not None and not self.data.tokenizer:
             raise CPRecError("model_config (a random backbone) needs data.tokenizer: the tokenizer it is built for")
         if self.data.tokenizer and self.data.window_tokens > self.seq_len - 1:
@@ -152,9 +164,32 @@ class Stages:
         return {r["stage"]: r["seconds"] for r in recs}
 
 
+def check_recipes(cfg: ExperimentConfig) -> dict:
+    """Load the CPT and SFT recipes with their overrides, as the training children will, before the first
+    stage: an unknown key or a bad value is named now, not after prepare, pack and the first evaluations.
+    Returns each recipe's content (its resolved YAML), which the experiment records instead of a path alone:
+    editing a recipe file changes the experiment."""
+    from cprec.config import load_config
+    from cprec.train.loop import TrainConfig
+
+    resolved = {}
+    for stage in ("cpt", "sft"):
+        recipe = getattr(cfg, stage)
+        path, _ = read_config_file(recipe.config)
+        loaded = load_config(TrainConfig, path, ["shards=unchecked", *recipe.overrides])
+        resolved[stage] = {k: v for k, v in to_dict(loaded).items() if k not in ("shards", "run_dir")}
+    return resolved
+
+
+# the stages each config key feeds: a key may change on resume while none of them has finished
+KEY_STAGES = {"cpt.": ("train__cpt__",), "sft.": ("train__sft__", "train__cpt_sft__"),
+              "sasrec.": ("eval__sasrec__",), "bootstrap": ()}
+
+
 def _semantic(cfg: ExperimentConfig) -> dict:
-    """The resolved config less the keys that change only speed."""
+    """The resolved config less the keys that change only speed, with the recipes' resolved content."""
     data = to_dict(cfg)
+    data["recipes"] = check_recipes(cfg)
     for key in SPEED_KEYS:
         node, *rest = key.split(".")
         if rest:
@@ -173,16 +208,32 @@ def claim_folder(out: Path, cfg: ExperimentConfig) -> None:
     marker = out / MARKER
     if marker.is_file():
         before = json.loads(marker.read_text())["config"]
-        changed = config_differences(before, _semantic(cfg))
+        now = _semantic(cfg)
+        before.setdefault("recipes", now["recipes"])  # recorded since issue 25: an older marker has no record
+        changed = [c for c in config_differences(before, now) if not _may_change(out, c)]
         if changed:
             raise CPRecError(f"{out} holds an experiment with another config ({'; '.join(changed)}); resuming would "
                              f"mix their results: choose another --out, or delete {out} to start over")
+        staging.lock_folder(out)  # a second experiment on this folder is refused, naming this one
+        if before != now:  # a correction of stages not run yet: recorded, so a later change is judged against it
+            marker.write_text(json.dumps({"config": now}, indent=2) + "\n")
         return
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and staging.entries(out):
         raise CPRecError(f"--out {out} is a non-empty folder that no experiment made ({MARKER} is missing); "
                          f"choose a new one")
     out.mkdir(parents=True, exist_ok=True)
+    staging.lock_folder(out)  # a second experiment on this folder is refused, naming this one
     marker.write_text(json.dumps({"config": _semantic(cfg)}, indent=2) + "\n")
+
+
+def _may_change(out: Path, difference: str) -> bool:
+    """A changed key (`key: old -> new`) is accepted on resume when no stage that depends on it has finished:
+    a corrected recipe override before its training ran, the bootstrap count (the report is always redone)."""
+    key = difference.split(":", 1)[0].replace("recipes.", "", 1)
+    for prefix, stages in KEY_STAGES.items():
+        if key.startswith(prefix) or key == prefix:
+            return not any(p.name.startswith(stages) for p in (out / "stages").glob("*.json")) if stages else True
+    return False
 
 
 # ---------------------------------------------------------------- the stages
@@ -210,13 +261,19 @@ class Experiment:
         return self.cpt_dir(seed if self.cfg.cpt.per_seed else self.cfg.seeds[0]) / "hf"
 
     def runs(self) -> dict[str, list[tuple[int | None, str | None]]]:
-        """Model -> its (seed, model folder) runs; SASRec has no folder, the base model no seed."""
+        """Model -> its (seed, model folder) runs, for the config's `models` in table order; SASRec has no
+        folder, the base model no seed."""
         cfg = self.cfg
-        return {"base": [(None, self.base_model())],
-                "cpt": [(s, str(self.cpt_dir(s) / "hf")) for s in self.cpt_seeds()],
-                "sft": [(s, str(self.out / "sft" / f"s{s}" / "hf")) for s in cfg.seeds],
-                "cpt_sft": [(s, str(self.out / "cpt_sft" / f"s{s}" / "hf")) for s in cfg.seeds],
-                "sasrec": [(s, None) for s in cfg.seeds]}
+        every = {"base": [(None, self.base_model())],
+                 "cpt": [(s, str(self.cpt_dir(s) / "hf")) for s in self.cpt_seeds()],
+                 "sft": [(s, str(self.out / "sft" / f"s{s}" / "hf")) for s in cfg.seeds],
+                 "cpt_sft": [(s, str(self.out / "cpt_sft" / f"s{s}" / "hf")) for s in cfg.seeds],
+                 "sasrec": [(s, None) for s in cfg.seeds]}
+        return {model: runs for model, runs in every.items() if model in cfg.models}
+
+    def comparisons(self) -> list[tuple[str, str]]:
+        """The COMPARISONS whose two models are both run."""
+        return [(a, b) for a, b in COMPARISONS if a in self.cfg.models and b in self.cfg.models]
 
     def eval_dir(self, model: str, seed: int | None, domain_slug: str) -> Path:
         return self.out / "eval" / model / ("once" if seed is None else f"s{seed}") / domain_slug
@@ -224,6 +281,12 @@ class Experiment:
     # the whole run
     def run(self) -> Path:
         claim_folder(self.out, self.cfg)
+        try:
+            return self._stages()
+        finally:
+            staging.unlock_folder(self.out)  # taken by claim_folder
+
+    def _stages(self) -> Path:
         self.stages = st = Stages(self.out)
         st.run("prepare", self.prepare)
         st.run("pack", self.pack)
@@ -232,14 +295,18 @@ class Experiment:
         domains = self.domains()
         if self._candidates_dir() is not None:
             st.run("candidates", lambda: self.candidates(domains))
+        models = self.cfg.models
         self.evaluate_model("base", domains)
-        for seed in self.cpt_seeds():
-            st.run(f"train/cpt/s{seed}", lambda s=seed: self.train_cpt(s))
-        self.evaluate_model("cpt", domains)
-        for seed in self.cfg.seeds:
+        if "cpt" in models:
+            for seed in self.cpt_seeds():
+                st.run(f"train/cpt/s{seed}", lambda s=seed: self.train_cpt(s))
+            self.evaluate_model("cpt", domains)
+        for seed in self.cfg.seeds if "sasrec" in models else []:
             for domain, slug in domains:
                 st.run(f"eval/sasrec/s{seed}/{slug}", lambda s=seed, d=domain, g=slug: self.sasrec(s, d, g))
         for model, start in (("sft", lambda s: self.base_model()), ("cpt_sft", lambda s: str(self.cpt_for(s)))):
+            if model not in models:
+                continue
             for seed in self.cfg.seeds:
                 st.run(f"train/{model}/s{seed}", lambda m=model, s=seed, f=start: self.train_sft(m, s, f(s)))
             self.evaluate_model(model, domains)

@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from cprec.data.cleaning import markdown_text
 from cprec.data.prepared import LEAVE_ONE_OUT, check_same_split, read_manifest, split_kind
 from cprec.errors import CPRecError
 from cprec.eval import stats
 from cprec.train.metrics import read_metrics
-from cprec.experiment import COMPARISONS, MODELS, TESTED_METRICS
+from cprec.experiment import MODELS, TESTED_METRICS
 
 PROTOCOL = "full"  # the primary protocol: the statistics are computed on it
 
@@ -68,7 +69,7 @@ def compute(exp) -> dict:
                 values = [float(stats.per_user([run[u] for u in users[domain]], metric).mean()) for run in runs]
                 entry[metric] = {"values": values, **stats.seed_interval(values)}
     tests = []
-    for a, b in COMPARISONS:
+    for a, b in exp.comparisons():
         for domain in domains:
             for metric in TESTED_METRICS:
                 per = [stats.seed_averaged_per_user([[run[u] for u in users[domain]] for run in ranks[m][domain]],
@@ -76,9 +77,43 @@ def compute(exp) -> dict:
                 test = stats.paired_bootstrap(per[0], per[1], exp.cfg.bootstrap, seed=0)
                 tests.append({"a": a, "b": b, "domain": domain, "metric": metric, **test,
                               "significant": stats.significant(test)})
+    moves = [{"a": a, "b": b, "domain": d, **rank_moves(ranks[a][d][0], ranks[b][d][0], users[d])}
+             for a, b in exp.comparisons() for d in domains]
     return {"name": exp.cfg.name, "size": exp.size, "split": split, "protocol": PROTOCOL, "domains": domains,
             "users": {d: len(users[d]) for d in domains}, "seeds": seeds, "metrics": table, "comparisons": tests,
+            "rank_moves": moves, "cpt_runs": cpt_summaries(exp),
             "alpha": stats.ALPHA, "bootstrap_resamples": exp.cfg.bootstrap, "stage_seconds": exp.stages.seconds()}
+
+
+TOP = 20  # the search's exact top-K: a target ranked beyond it has rank None
+
+
+def rank_moves(ranks_a: dict, ranks_b: dict, users: list) -> dict:
+    """How model A moved each user's target against model B (each model's first seed): users whose target A
+    ranks better (a better rank, or into the top 20), worse, the same inside the top 20, or beyond the top 20
+    for both; and the mean 1-based rank with a target beyond the top 20 counted as 21."""
+    def place(rank):  # 1-based; ranks.jsonl holds 0-based ranks, None beyond the exact top 20
+        return TOP + 1 if rank is None else rank + 1
+
+    pairs = [(place(ranks_a[u]), place(ranks_b[u])) for u in users]
+    return {"better": sum(a < b for a, b in pairs), "worse": sum(a > b for a, b in pairs),
+            "same_in_top": sum(a == b <= TOP for a, b in pairs),
+            "beyond_both": sum(a == b == TOP + 1 for a, b in pairs),
+            "mean_rank_a": sum(a for a, _ in pairs) / len(pairs), "mean_rank_b": sum(b for _, b in pairs) / len(pairs)}
+
+
+def cpt_summaries(exp) -> list[dict]:
+    """Per CPT run: steps, tokens seen, peak learning rate, first and last loss (the diagnosis when CPT does
+    not help); empty when CPT was not run."""
+    out = []
+    for seed in exp.cpt_seeds() if "cpt" in exp.cfg.models else []:
+        rows, _ = read_metrics(exp.cpt_dir(seed) / "run")
+        if rows:
+            tokens = sum(sum(r.get("tokens_per_stream", {}).values()) for r in rows)
+            out.append({"seed": seed, "steps": rows[-1]["step"], "tokens": tokens,
+                        "peak_lr": max(r["lr"] for r in rows), "first_loss": rows[0]["loss"],
+                        "last_loss": rows[-1]["loss"]})
+    return out
 
 
 def write_report(exp) -> Path:
@@ -102,22 +137,33 @@ def results_table(results: dict, metrics: list[str]) -> list[str]:
     lines = ["| domain | model | seeds | " + " | ".join(metrics) + " |", "|---|---|---|" + "---|" * len(metrics)]
     for domain in results["domains"]:
         for model, label in MODELS.items():
+            if model not in results["metrics"]:
+                continue
             entry = results["metrics"][model][domain]
             n = entry[metrics[0]]["n"]
-            lines.append(f"| {domain} | {label} | {n} | " + " | ".join(_cell(entry[m]) for m in metrics) + " |")
+            lines.append(f"| {markdown_text(domain)} | {label} | {n} | " + " | ".join(_cell(entry[m]) for m in metrics) + " |")
     return lines
 
 
 def comparison_table(results: dict) -> list[str]:
     lines = ["| domain | comparison | metric | difference | 95% CI | p | significant |", "|---|---|---|---|---|---|---|"]
     for t in results["comparisons"]:
-        lines.append(f"| {t['domain']} | {MODELS[t['a']]} − {MODELS[t['b']]} | {t['metric']} | {t['diff']:+.4f} | "
+        lines.append(f"| {markdown_text(t['domain'])} | {MODELS[t['a']]} − {MODELS[t['b']]} | {t['metric']} | {t['diff']:+.4f} | "
                      f"[{t['low']:+.4f}, {t['high']:+.4f}] | {t['p']:.4f} | {'yes' if t['significant'] else 'no'} |")
     return lines
 
 
+def moves_table(results: dict) -> list[str]:
+    lines = [f"| domain | comparison (A vs B) | A ranks the target better | worse | same (top {TOP}) | "
+             f"beyond top {TOP} for both | mean rank A / B (beyond = {TOP + 1}) |", "|---|---|---|---|---|---|---|"]
+    for m in results["rank_moves"]:
+        lines.append(f"| {markdown_text(m['domain'])} | {MODELS[m['a']]} vs {MODELS[m['b']]} | {m['better']} | {m['worse']} | "
+                     f"{m['same_in_top']} | {m['beyond_both']} | {m['mean_rank_a']:.2f} / {m['mean_rank_b']:.2f} |")
+    return lines
+
+
 def in_words(results: dict) -> list[str]:
-    lines = [f"* {t['domain']}: " + stats.describe(t, MODELS[t['a']], MODELS[t['b']], t["metric"], results["alpha"])
+    lines = [f"* {markdown_text(t['domain'])}: " + stats.describe(t, MODELS[t['a']], MODELS[t['b']], t["metric"], results["alpha"])
              for t in results["comparisons"]]
     found = [t for t in results["comparisons"] if t["significant"]]
     lines.append(f"\n{len(found)} of {len(results['comparisons'])} tests are significant at the {results['alpha']:g} "
@@ -133,13 +179,15 @@ def markdown(exp, results: dict, plots: dict) -> str:
     lines = [f"# CPRec experiment: {results['name']}" + (f" (size: {results['size']})" if results["size"] else ""), "",
              f"**Split: {results['split']}** (numbers from leave-one-out and chronological splits are not comparable). "
              f"Protocol: full ranking over each held-out domain's catalogue (exact top-20). Test users: "
-             + ", ".join(f"{d} {n}" for d, n in results["users"].items())
+             + ", ".join(f"{markdown_text(d)} {n}" for d, n in results["users"].items())
              + ("" if cfg.eval.users is None else f" (a seeded sample of {cfg.eval.users} per domain)")
              + f". Seeds: {seeds} for fine-tuning and SASRec; continual pre-training {cpt}. The backbone zero-shot "
              "is deterministic (one run).", "",
-             *([f"**Size `{results['size']}`**: the config's reduced `sizes.{results['size']}` overlay. Read its "
-                "numbers as a check that the pipeline runs end to end, not as a result about the method.", ""]
-               if results["size"] else []),
+             *([f"**Size `{results['size']}`**: the config's `sizes.{results['size']}` overlay. "
+                + (cfg.description or "Read its numbers as a check that the pipeline runs end to end, not as a "
+                   "result about the method."), ""]
+               if results["size"] else ([cfg.description, ""] if cfg.description else [])),
+             f"Models run: {', '.join(MODELS[m] for m in results['metrics'])}.", "",
              "## Results", "",
              "Mean over seeds, with the two-sided 95% Student-t interval over seeds in brackets (none for a single "
              "run).", "", *results_table(results, TESTED_METRICS), "",
@@ -150,7 +198,15 @@ def markdown(exp, results: dict, plots: dict) -> str:
              "averaged over the model's seeds; two-sided p-value, 95% interval of the difference (first model minus "
              "second). See `cprec/eval/stats.py` for exactly what is computed.", "",
              *comparison_table(results), "", *in_words(results), "",
+             "## How the targets' ranks moved", "",
+             f"Per test user, the rank of the held-out target under model A against model B (first seed of each; "
+             f"the search is exact for the top {TOP}, so a rank beyond it is not known more precisely).", "",
+             *moves_table(results), "",
              "## Continual pre-training", ""]
+    for run in results["cpt_runs"]:
+        lines += [f"CPT seed {run['seed']}: {run['steps']} steps, {run['tokens']:,} tokens seen, "
+                  f"peak learning rate {run['peak_lr']:g}, training loss {run['first_loss']:.3f} at step 1 -> "
+                  f"{run['last_loss']:.3f} at step {run['steps']}.", ""]
     if plots.get("loss"):
         lines += [f"![pre-training loss]({plots['loss']})", ""]
     lines += ["Stage times (seconds): " + ", ".join(f"{k} {v:.0f}" for k, v in results["stage_seconds"].items()), ""]
@@ -169,16 +225,17 @@ def draw_plots(exp, results: dict) -> dict:
     folder = exp.out / "plots"
     folder.mkdir(exist_ok=True)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    width = 0.8 / len(MODELS)
+    shown = {m: label for m, label in MODELS.items() if m in results["metrics"]}
+    width = 0.8 / len(shown)
     for ax, metric in zip(axes, ["HR@10", "NDCG@10"]):
         x = np.arange(len(results["domains"]))
-        for k, (model, label) in enumerate(MODELS.items()):
+        for k, (model, label) in enumerate(shown.items()):
             cells = [results["metrics"][model][d][metric] for d in results["domains"]]
             means = [c["mean"] for c in cells]
             # a metric lies in [0, 1]: the drawn interval is clipped there (results.json keeps it whole)
             err = [[c["mean"] - max(0.0, c["low"]) if c["low"] is not None else 0 for c in cells],
                    [min(1.0, c["high"]) - c["mean"] if c["high"] is not None else 0 for c in cells]]
-            ax.bar(x + (k - (len(MODELS) - 1) / 2) * width, means, width, yerr=err, capsize=3, label=label)
+            ax.bar(x + (k - (len(shown) - 1) / 2) * width, means, width, yerr=err, capsize=3, label=label)
         ax.set_xticks(x, results["domains"])
         ax.set_title(f"{metric} ({results['split']}, full ranking; 95% seed intervals, clipped to [0, 1])",
                      fontsize=9)
@@ -190,7 +247,7 @@ def draw_plots(exp, results: dict) -> dict:
     out = {"metrics": "plots/metrics.png"}
     fig, ax = plt.subplots(figsize=(6, 4))
     drawn = False
-    for seed in exp.cpt_seeds():
+    for seed in exp.cpt_seeds() if "cpt" in exp.cfg.models else []:
         rows, _ = read_metrics(exp.cpt_dir(seed) / "run")  # step records (not the metric during training)
         if rows:
             ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=f"CPT seed {seed}")

@@ -51,10 +51,15 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "float32", over
     staging.check(out)  # before the consolidation: its siblings must be CPRec's too
     state = ckpt.read_state(checkpoint)  # refuses an incomplete checkpoint
     ckpt.verify_files(checkpoint)  # names a truncated or corrupted file
+    ckpt.refuse_unsafe_pickles(checkpoint)  # before DeepSpeed unpickles them with weights_only=False
     run = checkpoint.parent.parent
     model_dir = run / "model"
     if not (model_dir / "config.json").is_file():
         raise CPRecError(f"{model_dir / 'config.json'} is missing: is {checkpoint} inside a CPRec run directory?")
+    links = sorted(str(f) for f in model_dir.iterdir() if f.is_symlink())
+    if links:  # the export publishes model/'s files: a link would publish whatever it points to
+        raise CPRecError(f"{', '.join(links)}: a symbolic link in the run's model folder, which holds only files "
+                         f"the trainer wrote; the export would publish what it points to. Replace it with the file")
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     transformers.logging.set_verbosity_error()

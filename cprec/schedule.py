@@ -23,12 +23,12 @@ PHASES = ("warmup", "stable", "anneal")
 
 @dataclass
 class ScheduleConfig:
-    peak_lr: float = 3e-4
-    min_lr: float = 3e-5
-    warmup_steps: int = 10
-    stable_steps: int = 80
-    anneal_steps: int = 10
-    anneal_shape: str = "exponential"
+    peak_lr: float = 3e-4  # the stable phase's learning rate
+    min_lr: float = 3e-5  # where the anneal ends (and the warmup starts)
+    warmup_steps: int = 10  # linear warmup
+    stable_steps: int = 80  # constant peak_lr; its checkpoints are branch points
+    anneal_steps: int = 10  # the decay to min_lr
+    anneal_shape: str = "exponential"  # linear, cosine, 1-sqrt or exponential (MiniCPM)
     warmup_start_lr: float | None = None  # default: min_lr (as transformers' get_wsd_schedule)
     half_life: float = 0.125  # exponential: half-life as a fraction of the anneal steps
 

@@ -78,6 +78,65 @@ def commit(staged: Path, out: Path, is_output: Callable[[Path], bool]) -> None:
     _remove(old)
 
 
+LOCK_FILE = ".cprec.lock"  # in an output folder while a command writes it; ignored by every emptiness check
+_held: dict[str, object] = {}  # folder -> the open lock file, held for the life of this process
+
+
+def lock_folder(folder: Path) -> None:
+    """Hold `folder`'s lock until `unlock_folder` or the end of this process, or refuse naming the process that
+    holds it. The lock is the kernel's (flock on LOCK_FILE): a killed process leaves the file, never the lock."""
+    import fcntl
+    import sys
+    import time
+
+    key = str(Path(folder).resolve())
+    if key in _held:
+        return
+    handle = open(Path(folder) / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise CPRecError(f"{folder} is in use by {holder}; two commands writing one folder would mix their files. "
+                         f"Wait for it to finish, or choose another folder") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} (`{' '.join(['cprec', *sys.argv[1:]])[:300]}`, since "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+    handle.flush()
+    _held[key] = handle
+
+
+def unlock_folder(folder: Path) -> None:
+    """Release `folder`'s lock when this process holds it (a command done with the folder, its process going on)."""
+    handle = _held.pop(str(Path(folder).resolve()), None)
+    if handle is not None:
+        handle.close()  # closing the file releases the flock
+
+
+def entries(folder: Path) -> list[Path]:
+    """What a folder holds, less the lock file (which a finished or killed command leaves behind)."""
+    return sorted(p for p in folder.iterdir() if p.name != LOCK_FILE)
+
+
+def refuse_foreign(out: Path, is_own: Callable[[Path], bool], made_by: str, flag: str = "--out") -> None:
+    """Refuse, before any work, an `out` that is a file, or a non-empty folder that is not this command's own
+    earlier output (`is_own`), naming what it holds: CPRec writes only into a new or empty folder or its own
+    output, so a user's folder is never overwritten or mixed with."""
+    if out.exists() and not out.is_dir():
+        raise CPRecError(f"{flag} {out}: exists and is not a folder; choose a new one")
+    if not out.is_dir() or is_own(out):
+        return
+    held = [p.name + ("/" if p.is_dir() else "") for p in entries(out)]
+    if held:
+        more = f" and {len(held) - 1} more" if len(held) > 1 else ""
+        raise CPRecError(f"{flag} {out}: a non-empty folder that no {made_by} made (it holds '{held[0]}'{more}); "
+                         f"CPRec writes only into a new or empty folder or its own earlier output: choose another "
+                         f"{flag.lstrip('-')}")
+
+
 def _ours(folder: Path) -> bool:
     """True when `folder` is absent, or a real folder holding the staging marker or nothing at all."""
     if not folder.exists() and not folder.is_symlink():

@@ -3,6 +3,7 @@ statistics against values computed by hand from the per-user ranks, resuming aft
 
 import json
 import math
+import shutil
 import os
 import subprocess
 import sys
@@ -104,6 +105,18 @@ def test_statistics_match_values_computed_by_hand(straight):
     test = next(t for t in results["comparisons"] if (t["a"], t["b"], t["metric"]) == ("cpt_sft", "sft", "HR@10"))
     assert test["diff"] == pytest.approx(m["cpt_sft"]["Games"]["HR@10"]["mean"] - m["sft"]["Games"]["HR@10"]["mean"])
     assert len(results["comparisons"]) == 6 and test["users"] == 30
+    # how CPT moved each target against the backbone (1-based; beyond the exact top 20 counts as 21)
+    place = [(21 if a is None else a + 1, 21 if b is None else b + 1)
+             for a, b in zip(ranks(straight, "cpt", "s0"), ranks(straight, "base", "once"))]
+    moves = next(m for m in results["rank_moves"] if (m["a"], m["b"]) == ("cpt", "base"))
+    assert moves == {"a": "cpt", "b": "base", "domain": "Games", "better": sum(a < b for a, b in place),
+                     "worse": sum(a > b for a, b in place), "same_in_top": sum(a == b < 21 for a, b in place),
+                     "beyond_both": sum(a == b == 21 for a, b in place),
+                     "mean_rank_a": pytest.approx(sum(a for a, _ in place) / 30),
+                     "mean_rank_b": pytest.approx(sum(b for _, b in place) / 30)}
+    assert moves["better"] + moves["worse"] + moves["same_in_top"] + moves["beyond_both"] == 30
+    cpt_run = results["cpt_runs"][0]
+    assert cpt_run["seed"] == 0 and cpt_run["steps"] == 18 and cpt_run["tokens"] > 0
     report = (straight / "report.md").read_text()
     assert "**Split: leave-one-out**" in report and "Which differences are significant" in report
     assert report.count("significant") >= 6 and "tests are significant at the 0.05 level" in report
@@ -147,14 +160,64 @@ def test_a_resume_that_would_mix_splits_or_settings_is_refused(config, straight,
     assert proc.returncode == 2 and "has no sizes.smoke" in proc.stderr
 
 
+def test_an_experiment_of_some_models_runs_and_reports_only_those(config, tmp_path):
+    out = tmp_path / "exp"
+    cprec("experiment", "--config", config, "--out", out, "models=[base,cpt,sasrec]", "seeds=[0]",
+          "description=It tests CPT alone.")
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["metrics"]) == {"base", "cpt", "sasrec"} and not (out / "sft").exists()
+    assert {(t["a"], t["b"]) for t in results["comparisons"]} == {("cpt", "base")}
+    assert [(m["a"], m["b"]) for m in results["rank_moves"]] == [("cpt", "base")]
+    report = (out / "report.md").read_text()
+    assert "It tests CPT alone." in report and "fine-tuning only" not in report
+    for models, says in (("[cpt,sasrec]", "include base"), ("[base,cpt_sft]", "needs cpt too"),
+                         ("[base,sft,sft]", "distinct")):
+        proc = cprec("experiment", "--config", config, "--out", tmp_path / "refused", f"models={models}", check=False)
+        assert proc.returncode == 2 and says in proc.stderr, proc.stderr
+    assert not (tmp_path / "refused").exists()
+
+
 def test_the_shipped_experiment_config_and_its_sizes_load():
     from cprec.config import load_config
     from cprec.experiment import load_experiment_config
     from cprec.train.loop import TrainConfig
 
     path = REPO / "launch" / "configs" / "experiment_ml1m.yaml"
-    for size in (None, "smoke"):
+    for size in (None, "smoke", "cpu"):
         cfg = load_experiment_config(path, size)
-        assert cfg.eval.users == (5 if size else None) and cfg.data.window_tokens == cfg.seq_len - 1
+        assert cfg.eval.users == {None: None, "smoke": 5, "cpu": 300}[size]
+        assert cfg.data.window_tokens == cfg.seq_len - 1
         load_config(TrainConfig, REPO / cfg.cpt.config, ["shards=unused", *cfg.cpt.overrides])
         load_config(TrainConfig, REPO / cfg.sft.config, ["shards=unused", *cfg.sft.overrides])
+
+
+def test_recipe_overrides_are_checked_first_and_a_correction_is_taken_before_its_stage(config, tmp_path):
+    out = tmp_path / "exp"
+    proc = cprec("experiment", "--config", config, "--out", out, "cpt.overrides=[schedule.peak_lrr=0.1]",
+                 check=False)
+    assert proc.returncode == 2 and "peak_lrr" in proc.stderr and not (out / "stages").exists()
+    proc = cprec("experiment", "--config", config, "--out", out, "seeds=[-1]", check=False)
+    assert proc.returncode == 2 and "seeds must be a whole number from 0" in proc.stderr
+    # killed after prepare and pack (the 3rd marker would be the backbone's): the CPT recipe may still change
+    cprec("3", "experiment", "--config", config, "--out", out, "models=[base,cpt]", helper="experiment_killed.py",
+          check=False)
+    assert sorted(p.name for p in (out / "stages").glob("*.json")) == ["pack.json", "prepare.json"]
+    proc = cprec("experiment", "--config", config, "--out", out, "models=[base,cpt]", "bootstrap=100",
+                 "cpt.overrides=[global_batch=8, micro_batch=8, plots=false, schedule.peak_lr=0.002, "
+                 "schedule.min_lr=0.0003, checkpoint.every=1000, schedule.warmup_steps=2, "
+                 "schedule.stable_steps=12, schedule.anneal_steps=4]")
+    recorded = json.loads((out / "experiment.json").read_text())["config"]
+    assert recorded["recipes"]["cpt"]["schedule"]["peak_lr"] == 0.002 and recorded["bootstrap"] == 100
+    # now that CPT has run, the same change is refused, and so is an edit of the recipe file's content
+    proc = cprec("experiment", "--config", config, "--out", out, "models=[base,cpt]", "bootstrap=100", check=False)
+    assert proc.returncode == 2 and "recipes.cpt.schedule.peak_lr: 0.002 -> 0.003" in proc.stderr
+    recipe = tmp_path / "recipe.yaml"  # the CPT recipe, as a file of the user's
+    shutil.copy(REPO / "launch" / "configs" / "quickstart.yaml", recipe)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["cpt"]["config"], cfg["models"] = str(recipe), ["base", "cpt"]
+    edited = tmp_path / "edited.yaml"
+    edited.write_text(yaml.safe_dump(cfg))
+    cprec("experiment", "--config", edited, "--out", tmp_path / "e2")
+    recipe.write_text(recipe.read_text().replace("anneal_shape: exponential", "anneal_shape: linear"))
+    proc = cprec("experiment", "--config", edited, "--out", tmp_path / "e2", check=False)
+    assert proc.returncode == 2 and "recipes.cpt.schedule.anneal_shape: 'exponential' -> 'linear'" in proc.stderr

@@ -1,7 +1,7 @@
 """The fault suite: what a hostile but fair user does to CPRec, and what CPRec must do in return.
 
 Each test is one fault case (issue 12 and the cases found since): it fails on the code before its fix. Fast,
-CPU only; tiny random models and small generated data. The README's "Faults" table summarises the cases.
+CPU only; tiny random models and small generated data. docs/faults.md summarises the cases.
 """
 
 from __future__ import annotations
@@ -291,7 +291,9 @@ def _b_cli(argv, capsys) -> tuple[int, str, str]:
 
 
 def _b_files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file's bytes, less the folder lock (`staging.LOCK_FILE`: it names the last command that held it)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != ".cprec.lock"}
 
 
 def test_pack_refuses_an_out_that_holds_other_things(prepared_small, tiny_tokenizer, tmp_path, capsys):
@@ -590,7 +592,9 @@ def _copy_run(tiny, name):
 
 
 def _tree(path):
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+    """Every file's bytes, less the folder lock (`staging.LOCK_FILE`: it names the last command that held it)."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
+            if p.is_file() and p.name != ".cprec.lock"}
 
 
 def _metrics(run):
@@ -778,12 +782,12 @@ def test_evaluation_refuses_what_it_cannot_evaluate(tiny, prepared_small, tmp_pa
 
 
 def _readme_command_lines():
-    """Every `cprec ...`, `launch/train.py ...` and `preprocess/*.py ...` command in the README's bash blocks,
-    as (program, argv)."""
+    """Every `cprec ...`, `launch/train.py ...` and `preprocess/*.py ...` command in the bash blocks of the
+    README and of every page under docs/, as (program, argv)."""
     import re
     import shlex
 
-    text = (_REPO / "README.md").read_text(encoding="utf-8")
+    text = "\n".join(p.read_text(encoding="utf-8") for p in [_REPO / "README.md", *sorted((_REPO / "docs").rglob("*.md"))])
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():
             for part in line.split("&&"):

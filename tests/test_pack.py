@@ -25,7 +25,9 @@ def run_pack(prepared, tokenizer, out, **kw):
 
 
 def tree_bytes(root: Path) -> dict:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file's bytes, less the folder lock (`staging.LOCK_FILE`: it names the last command that held it)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != ".cprec.lock"}
 
 
 def documents_from_shards(data: ShardSet, stream: str) -> dict[int, tuple[list[int], int]]:

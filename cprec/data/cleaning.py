@@ -39,6 +39,22 @@ def normalize_title(raw: str, max_chars: int) -> str | None:
     return text or None
 
 
+def normalize_domain(raw: str | None) -> str | None:
+    """A domain name as read (None stays None): control characters (a newline, a terminal escape) become
+    spaces and whitespace collapses, so a name never splits a document line or a report row; other text,
+    HTML included, is kept as written (reports escape it)."""
+    if raw is None:
+        return None
+    text = "".join(" " if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") else ch for ch in raw)
+    return _SPACE.sub(" ", text).strip() or None
+
+
+def markdown_text(text: str) -> str:
+    """`text` safe in a markdown table cell or heading: HTML escaped (a name like `<script>` shows as text),
+    `|` escaped (it would open a cell)."""
+    return html.escape(str(text), quote=False).replace("|", "\\|")
+
+
 MILLISECONDS_ABOVE = 1e11  # the timestamp unit rule of the module docstring
 
 

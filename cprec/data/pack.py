@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cprec import __version__
+from cprec import __version__, staging
 from cprec.backbone import load_tokenizer, resolve_tokenizer, tokenizer_identity
 from cprec.data import shards
 from cprec.data.prepared import MANIFEST, Prepared
@@ -39,11 +39,11 @@ PACKER_VERSION = 1  # bump when the packing of the same documents changes, so ol
 
 @dataclass
 class PackConfig:
-    seq_len: int = 1024
-    workers: int = 1
+    seq_len: int = 1024  # tokens per packed row
+    workers: int = 1  # tokenizer processes (one core each)
     shard_rows: int = 2048  # target rows per shard (planned from characters, so approximate)
     batch_size: int = 256  # documents per tokenizer call
-    zstd_level: int = 3
+    zstd_level: int = 3  # shard compression level
     line_cache: bool = True  # tokenize each distinct line once (checked against whole documents; see LineTokenizer)
     max_split_fraction: float = 0.01  # pack fails when more of a stream's documents are longer than seq_len
 
@@ -67,12 +67,15 @@ def prepared_streams(prepared: Prepared) -> list[tuple[str, Path, str]]:
 
 
 def check_splits(streams: dict, seq_len: int, max_fraction: float) -> None:
-    """Fail when a stream has more documents cut into pieces than max_split_fraction allows (worst named)."""
-    fractions = {name: st["split_documents"] / st["documents"] for name, st in streams.items() if st["documents"]}
+    """Fail when a stream has more documents cut into pieces than max_split_fraction allows (worst named).
+    The fraction is of the input documents (`source_documents`), not of the pieces the rows hold (`documents`,
+    where one cut document counts once per piece)."""
+    inputs = {name: st.get("source_documents", st["documents"]) for name, st in streams.items()}
+    fractions = {name: st["split_documents"] / inputs[name] for name, st in streams.items() if inputs[name]}
     worst = max(fractions, key=fractions.get, default=None)
     if worst is not None and fractions[worst] > max_fraction:
         st = streams[worst]
-        raise CPRecError(f"stream '{worst}': {st['split_documents']:,} of {st['documents']:,} documents "
+        raise CPRecError(f"stream '{worst}': {st['split_documents']:,} of {inputs[worst]:,} documents "
                          f"({fractions[worst]:.1%}) are longer than seq_len={seq_len} and were cut, past "
                          f"max_split_fraction={max_fraction}; no index was written. Pack with a larger --seq-len, "
                          f"or set max_split_fraction={math.ceil(fractions[worst] * 100) / 100} to accept the "
@@ -262,7 +265,7 @@ def pack_shard(task: dict) -> dict:
     tokens, row_docs, doc_lens, prompt_lens, doc_index, split = pack_documents(docs, task["seq_len"],
                                                                                task["pad_id"], dtype)
     entry = shards.write_shard(path, tokens, row_docs, doc_lens, prompt_lens, doc_index, task["zstd_level"])
-    entry.update(split_documents=split, input_hash=task["input_hash"])
+    entry.update(split_documents=split, source_documents=len(docs), input_hash=task["input_hash"])
     shards.atomic_write(sidecar, json.dumps(entry, sort_keys=True).encode())
     return entry
 
@@ -374,13 +377,18 @@ def _claim_output(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise CPRecError(f"--out {out}: exists and is not a directory")
     if out.is_dir() and not shards.is_shard_directory(out):
-        entries = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir())
+        entries = [p.name + ("/" if p.is_dir() else "") for p in staging.entries(out)]
         if entries:
             more = f" and {len(entries) - 1} more entries" if len(entries) > 1 else ""
             raise CPRecError(f"--out {out}: not empty and not a pack output (it holds '{entries[0]}'{more}); pack "
                              f"writes only into an empty directory or an earlier pack's output (one with "
                              f"{shards.MARKER_FILE} or {shards.INDEX_FILE}): choose another --out")
+    links = sorted(str(p) for p in [out, *(out.iterdir() if out.is_dir() else [])] if p.is_symlink())
+    if links:  # pack writes and deletes shards in its stream folders: through a link, in someone else's
+        raise CPRecError(f"--out {out}: {', '.join(links)} is a symbolic link; pack writes and removes shards in "
+                         f"its own folders only and never follows a link: replace it with a folder")
     out.mkdir(parents=True, exist_ok=True)
+    staging.lock_folder(out)  # a second pack into this folder is refused, naming this one
     shards.atomic_write(out / shards.MARKER_FILE, shards.MARKER)
     (out / shards.INDEX_FILE).unlink(missing_ok=True)
 
@@ -390,7 +398,7 @@ def _remove_stale(out: Path, expected: dict[str, set[str]]) -> None:
     (an earlier run with other input or settings, or one cut short). Only names pack writes are touched:
     anything else in the output is left where it is."""
     for sub in out.iterdir():
-        if not sub.is_dir():
+        if not sub.is_dir() or sub.is_symlink():  # never delete through a link (refused at the start, too)
             continue
         keep = expected.get(sub.name, set())
         stale = [f for f in sub.iterdir() if shards.PACK_FILE.fullmatch(f.name) and f.name not in keep]
@@ -432,6 +440,8 @@ def pack(input_dir: str | Path, tokenizer: str, out: str | Path, cfg: PackConfig
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise _disk_full(exc, out) from None
         raise
+    finally:
+        staging.unlock_folder(out)  # taken by _claim_output
 
 
 def _pack(input_dir: Path, folder, tok, ident: dict, out: Path, cfg: PackConfig, manifest: dict, streams) -> dict:
@@ -462,7 +472,10 @@ def _pack(input_dir: Path, folder, tok, ident: dict, out: Path, cfg: PackConfig,
     kinds = {name: kind for name, _, kind in streams}
     index = {
         "format": shards.FORMAT_NAME, "version": shards.FORMAT_VERSION, "seq_len": cfg.seq_len,
-        "dtype": dtype.name, "pad_id": settings["pad_id"], "eos_id": settings["eos_id"], "tokenizer": ident,
+        "dtype": dtype.name, "pad_id": settings["pad_id"], "eos_id": settings["eos_id"],
+        # where the tokenizer was (a folder's name alone resolves only from pack's working folder): the trainer
+        # copies it into a run of a model built from model.config, `inspect --row` decodes with it
+        "tokenizer": {**ident, **({"path": str(Path(folder).resolve())} if ident["name"] != "smollm2" else {})},
         "template_version": manifest["template_version"], "cprec_version": __version__,
         "source": {"prepared": str(input_dir), "manifest_sha256": hashlib.sha256(
             (input_dir / MANIFEST).read_bytes()).hexdigest()[:32]},
@@ -481,6 +494,8 @@ def _stream_totals(kind: str, entries: list[dict], seq_len: int) -> dict:
     tokens = sum(e["tokens"] for e in entries)
     return {"kind": kind, "rows": rows, "tokens": tokens, "documents": sum(e["documents"] for e in entries),
             "split_documents": sum(e.get("split_documents", 0) for e in entries),
+            # input documents (a cut one counts once); `documents` counts what the rows hold, pieces included
+            "source_documents": sum(e.get("source_documents", e["documents"]) for e in entries),
             "slot_use": round(tokens / (rows * seq_len), 6) if rows else 0.0,
             "bytes": sum(e["bytes"] for e in entries),
             "shards": [{k: e[k] for k in ("file", "rows", "tokens", "documents", "bytes", "checksum")}

@@ -67,20 +67,20 @@ class InputConfig:
 
 @dataclass
 class PrepareConfig:
-    source: str = "movielens-1m"
-    input: InputConfig = field(default_factory=InputConfig)
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    source: str = "movielens-1m"  # movielens-1m, amazon2018, amazon2023, csv, parquet or synthetic
+    input: InputConfig = field(default_factory=InputConfig)  # where the source's files are
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)  # the synthetic world (tests, checks)
     pretrain_domains: list[str] | None = None  # default: per source (MovieLens: seven largest genres)
     downstream_domains: list[str] | None = None  # held out: never enter the pre-training corpus
     k_core: int = 5  # iterative k-core per domain, on users and items
-    max_title_chars: int = 200
+    max_title_chars: int = 200  # longer titles are cut at a word boundary
     tokenizer: str | None = None  # when set ('smollm2' or a folder), documents are budgeted in tokens
     window_tokens: int = 1023  # budget of one document with a tokenizer: seq_len - 1 (pack appends EOS)
     window_chars: int = 2000  # budget of one document without a tokenizer, in characters
     min_doc_items: int = 2  # a window with fewer items is not rendered
     min_downstream_items: int = 3  # a downstream user needs train prefix + valid + test
     sft_examples_per_user: int = 10  # fine-tuning targets per user, newest of the training prefix
-    max_reject_fraction: float = 0.01
+    max_reject_fraction: float = 0.01  # prepare fails when more of the rows read are rejected
     split: str = LEAVE_ONE_OUT  # or chronological: the held-out domains cut 8:1:1 by time (module docstring)
     split_ratios: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # chronological: train, valid, test
 
@@ -184,7 +184,7 @@ def _read_items(source, cfg: PrepareConfig, log: RejectLog, filtered: collection
         title = cleaning.normalize_title(raw_title, cfg.max_title_chars)
         if title is None:
             filtered["items without a usable title"] += 1
-        table[key] = (title, domain)
+        table[key] = (title, cleaning.normalize_domain(domain))
     return table
 
 
@@ -198,7 +198,7 @@ def _read_interactions(source, table: dict, wanted: set | None, log: RejectLog, 
             log.reject(file, line, f"unknown item '{item}' (not in the item table)", f"user={user} item={item}")
             continue
         title, item_domain = entry
-        domain = domain or item_domain
+        domain = cleaning.normalize_domain(domain) or item_domain
         if domain is None:
             log.reject(file, line, "missing domain", f"user={user} item={item}")
             continue
@@ -347,7 +347,9 @@ def _write_outputs(tmp: Path, data: _Log, users, items, domains, stamps, pretrai
     for fh in list(doc_files.values()) + [f for files in split_files.values() for f in files.values()]:
         fh.close()
     return {"streams": {s: {"documents": doc_counts[s], "sequences": len(seq_lens[s]),
-                            "sequence_items": _percentiles(seq_lens[s])} for s in doc_files},
+                            "sequence_items": _percentiles(seq_lens[s]),
+                            # windows left out with fewer than min_doc_items items: a title too long for the budget
+                            "short_windows_dropped": doc_counts[f"{s} windows too short"]} for s in doc_files},
             "downstream": {d: dict(split_counts[d]) for d in downstream}}
 
 
@@ -357,6 +359,8 @@ def _emit(fh, stream, user, scope, titles, tags, cfg, budget, seq_lens, doc_coun
     seq_lens[stream].append(len(titles))
     for text in template.render_documents(scope, titles, tags, budget.size, budget.cost):
         if text.count("\n") - 1 < cfg.min_doc_items:  # header line + item lines
+            # a window this short holds an item whose title alone fills the budget: counted, never silent
+            doc_counts[f"{stream} windows too short"] += 1
             continue
         _jsonl(fh, {"stream": stream, "user": user, "text": text, "prompt_chars": 0})
         doc_counts[stream] += 1
@@ -442,8 +446,12 @@ def prepare(cfg: PrepareConfig, out: str | Path, overwrite: bool = False) -> dic
                             "users": int(len(np.unique(users[mask]))), "items": int(len(np.unique(items[mask])))}
     empty = [d for d in pretrain + downstream if per_domain[d]["interactions"] == 0]
     if empty:
+        listed = empty[0] in (cfg.pretrain_domains or []) + (cfg.downstream_domains or [])
+        role = "downstream_domains" if empty[0] in downstream else "pretrain_domains"
+        drop = (f"remove it from {role}" if listed else
+                f"list the domains to keep in {role} (it came from the data: the default takes every domain)")
         raise CPRecError(f"domain '{empty[0]}' has no interactions left after the {cfg.k_core}-core; lower "
-                         f"k_core or drop the domain from the configuration")
+                         f"k_core, or {drop}")
 
     split = split_record(cfg, data, domains, stamps, downstream)
     stats = _write_outputs(tmp, data, users, items, domains, stamps, pretrain, downstream, cfg, budget, split)

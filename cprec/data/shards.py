@@ -54,6 +54,7 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
+from cprec.data.prepared import check_name
 from cprec.errors import CPRecError
 
 FORMAT_NAME = "cprec-shards"
@@ -240,6 +241,13 @@ def read_index(root: Path) -> dict:
     if index["index_checksum"] != index_checksum(index):
         raise ShardError(f"{path}: index checksum mismatch: the index was edited or damaged after pack wrote it "
                          f"(its totals, shard list or settings cannot be trusted); {repack}")
+    for name, stream in index["streams"].items():  # the checksum is anyone's to recompute: names become paths
+        check_name(name, f"{path}: streams")
+        for shard in stream.get("shards", []):
+            folder, _, file = str(shard.get("file")).partition("/")
+            if folder != name or not re.fullmatch(r"\d{5,}\.zst", file):
+                raise ShardError(f"{path}: stream {name}: shard file {shard.get('file')!r} is not {name}/NNNNN.zst; "
+                                 f"the index was edited or written by something else")
     return index
 
 

@@ -38,16 +38,16 @@ DOMAINS = [("Books", "Novel"), ("Movies", "Film"), ("Music", "Album"), ("Games",
 
 @dataclass
 class SyntheticConfig:
-    users: int = 2000
-    domains: int = 6
-    items_per_domain: int = 200
-    themes: int = 8
+    users: int = 2000  # users in the world
+    domains: int = 6  # domains (Books, Movies, ...)
+    items_per_domain: int = 200  # items in each domain
+    themes: int = 8  # latent tastes shared across domains: the planted cross-domain signal
     interactions_per_user: float = 40.0  # mean over all domains; at least 5 each
     domains_per_user: float = 0.5  # Dirichlet concentration of a user's domain mix (small = few domains)
     taste_concentration: float = 0.2  # Dirichlet concentration of a user's theme taste (small = sharp)
     noise: float = 0.1  # share of uniform random interactions
     popularity_skew: float = 1.0  # Zipf exponent of item popularity inside a (domain, theme)
-    seed: int = 0
+    seed: int = 0  # the world is a pure function of its config
     domain_names: list[str] = field(default_factory=list)  # optional; defaults to Books, Movies, ...
 
     def validate(self) -> None:

@@ -35,8 +35,10 @@ import numpy as np
 from tqdm import tqdm
 
 from cprec.data import template
-from cprec.data.prepared import LEAVE_ONE_OUT, read_manifest, split_kind
+from cprec.data.cleaning import markdown_text
+from cprec.data.prepared import LEAVE_ONE_OUT, Prepared, read_manifest, split_kind
 from cprec.data.stream import stable_key
+from cprec.config import check_seed
 from cprec.errors import CPRecError
 from cprec.eval import ranks as rank_files
 from cprec.eval.metrics import HR_KS, NDCG_KS, rank_against_ties, ranking_metrics
@@ -50,11 +52,11 @@ TOP_K = max(HR_KS + NDCG_KS)
 
 @dataclass
 class EvalConfig:
-    protocol: str = "both"
+    protocol: str = "both"  # full (every title), sampled (target + negatives) or both
     domains: list[str] | None = None  # default: every downstream domain of the prepared data
     users: int | None = None  # evaluate a seeded sample of this many test users per domain (default: all)
-    negatives: int = 99
-    seed: int = 0
+    negatives: int = 99  # sampled protocol: negatives per user
+    seed: int = 0  # the user sample and the negatives
     beam: int | None = None  # prefixes each user expands per search step (None: 20 CPU, 256 GPU); exact either way
     exhaustive_below: int | None = None  # fewer titles (catalogue, candidates) are all scored (None: 60 CPU, 500 GPU); exact either way
     frontier: int = 50_000  # open prefixes kept per user by the search; past it, cut and checked (still exact)
@@ -67,6 +69,7 @@ class EvalConfig:
     split: str = "test"  # valid: the validation users (model selection: in-training metric, anneal sweep)
 
     def validate(self) -> None:
+        check_seed(self.seed)
         if self.protocol not in PROTOCOLS:
             raise CPRecError(f"protocol must be one of {', '.join(PROTOCOLS)}, got '{self.protocol}'")
         if self.split not in SPLITS:
@@ -151,6 +154,7 @@ def load_model(spec: str, device=None, dtype=None):
     import transformers
 
     from cprec.attention import for_evaluation
+    from cprec.backbone import load_pretrained
 
     transformers.logging.set_verbosity_error()
     folder = model_folder(spec)
@@ -162,10 +166,9 @@ def load_model(spec: str, device=None, dtype=None):
                          f"model/ folder, which has none when the run trained a model built from model.config)")
     dtype = dtype or torch.float32
     try:  # the batched scorer passes its own 4-D masks, which SDPA (and eager) attention take
-        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype,
-                                                                  attn_implementation=for_evaluation(device))
+        model = load_pretrained(folder, dtype=dtype, attn_implementation=for_evaluation(device))
     except (ValueError, ImportError):
-        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="eager")
+        model = load_pretrained(folder, dtype=dtype, attn_implementation="eager")
     return model.to(device or "cpu"), transformers.AutoTokenizer.from_pretrained(folder)
 
 
@@ -251,6 +254,13 @@ def downstream_domains(prepared: Path, cfg: EvalConfig) -> tuple[dict, list[str]
     if unknown:
         raise CPRecError(f"'{unknown[0]}' is not a downstream domain of {prepared} "
                          f"({', '.join(manifest['domains']['downstream'])})")
+    data = Prepared(prepared)
+    for domain in domains:  # a domain without users would drop out of every table without a word
+        path = data.downstream(domain, cfg.split)
+        if not path.is_file() or not any(line.strip() for line in path.open(encoding="utf-8")):
+            raise CPRecError(f"held-out domain '{domain}' has no {cfg.split} users ({path} is empty): its results "
+                             f"would be missing from every table. Leave it out (domains: [...]) or prepare it with "
+                             f"more users (a lower k_core, or min_downstream_items)")
     return manifest, domains
 
 
@@ -308,6 +318,12 @@ def settings_record(model_spec: str, prepared: Path, domains: list[str], cfg: Ev
               "data": str(prepared.resolve()), "data_manifest": fingerprint([prepared / "manifest.json"]),
               "protocol": cfg.protocol, "domains": domains, "users": cfg.users, "negatives": cfg.negatives,
               "seed": cfg.seed, "top_k": TOP_K, "dtype": str(dtype).removeprefix("torch.")}
+    # the files the users, histories, targets and titles come from: a resume after any of them changed is
+    # refused (the manifest alone says nothing of an edited test.jsonl)
+    data = Prepared(prepared)
+    record["data_files"] = fingerprint([data.items] + [data.downstream(d, split) for d in domains
+                                                      for split in ("train", "valid", "test")
+                                                      if data.downstream(d, split).is_file()])
     record["candidates"] = str(candidates.resolve()) if candidates else None
     record["candidates_files"] = fingerprint(sorted(candidates.glob("*.jsonl"))) if candidates else None
     # both recorded only off their defaults, so that leave-one-out test-split records stay as they were (a
@@ -553,8 +569,9 @@ def results_markdown(runs: dict[str, dict]) -> str:
             kind = first.get("split_kind", LEAVE_ONE_OUT)
             split = f", {kind} split" + (f" ({first['split']} users)" if first.get("split", "test") != "test" else "")
             keys = [f"HR@{k}" for k in HR_KS] + [f"NDCG@{k}" for k in NDCG_KS]
-            lines += [f"### {domain} — {label}, {users} test users{split}", "",
+            lines += [f"### {markdown_text(domain)} — {label}, {users} test users{split}", "",
                       "| model | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-            lines += [f"| {name} | " + " | ".join(f"{m[k]:.4f}" for k in keys) + " |" for name, m in rows]
+            lines += [f"| {markdown_text(name)} | " + " | ".join(f"{m[k]:.4f}" for k in keys) + " |"
+                      for name, m in rows]
             lines.append("")
     return "\n".join(lines)

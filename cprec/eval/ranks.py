@@ -28,6 +28,7 @@ import json
 import os
 from pathlib import Path
 
+from cprec import staging
 from cprec.errors import CPRecError
 
 RANKS_FILE = "ranks.jsonl"
@@ -100,6 +101,8 @@ def claim(out: Path, settings: dict) -> None:
     path = out / SETTINGS_FILE
     if path.is_file():
         before = json.loads(path.read_text(encoding="utf-8"))
+        if "data_files" not in before:  # recorded since issue 25: an older evaluation resumes as it was
+            settings = {k: v for k, v in settings.items() if k != "data_files"}
         changed = [f"{name}: {before.get(name)!r} -> {settings.get(name)!r}"
                    for name in sorted(set(before) | set(settings)) if before.get(name) != settings.get(name)]
         if changed:
@@ -109,6 +112,7 @@ def claim(out: Path, settings: dict) -> None:
     if (out / RANKS_FILE).is_file() or any(out.glob(PARTIAL_GLOB)):
         raise CPRecError(f"{out} holds per-user ranks but no {SETTINGS_FILE}, so they cannot be resumed safely: "
                          f"choose another --out, or delete {out} to start over")
+    staging.refuse_foreign(out, lambda folder: False, "evaluation")  # a folder without SETTINGS_FILE
     out.mkdir(parents=True, exist_ok=True)
     _write_atomic(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
 

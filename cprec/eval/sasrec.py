@@ -27,15 +27,15 @@ SCORE_USERS = 1024  # users scored at once: bounds the [users, items] score matr
 
 @dataclass
 class SASRecConfig:
-    hidden: int = 64
-    layers: int = 2
-    heads: int = 2
-    max_len: int = 50
-    dropout: float = 0.2
-    lr: float = 1e-3
-    epochs: int = 40
-    batch_size: int = 128
-    seed: int = 0
+    hidden: int = 64  # embedding and model width
+    layers: int = 2  # self-attention blocks
+    heads: int = 2  # attention heads
+    max_len: int = 50  # the newest items of a history that it reads
+    dropout: float = 0.2  # dropout rate
+    lr: float = 1e-3  # Adam learning rate
+    epochs: int = 40  # passes over the training prefixes
+    batch_size: int = 128  # sequences per step
+    seed: int = 0  # initialisation and order
 
 
 class SASRec(nn.Module):

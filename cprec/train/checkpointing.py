@@ -21,7 +21,7 @@ from cprec.errors import CPRecError
 @dataclass
 class CheckpointConfig:
     every: int = 50  # save every N steps (and at the end, and on SIGTERM/SIGUSR1)
-    keep_last: int = 2
+    keep_last: int = 2  # complete checkpoints kept besides branch points and the latest
     branch_every: int = 0  # keep stable-phase checkpoints at multiples of this step forever (0: none)
 
 
@@ -59,9 +59,20 @@ class Checkpointer:
         return tag
 
 
+def refuse_unsafe_pickles(checkpoint: Path, rank: int, world: int) -> None:
+    """Collective: every rank checks its share of the checkpoint's `.pt` files with the restricted unpickler
+    (`cprec.checkpoint.unsafe_pickle`) before DeepSpeed unpickles them without restrictions; one refusal stops
+    every rank, naming each file."""
+    names = ckpt.checkpoint_files(checkpoint)[rank::world]
+    found = [None] * world
+    torch.distributed.all_gather_object(found, ckpt.unsafe_pickles(checkpoint, names))
+    ckpt.refuse_unsafe(checkpoint, [p for share in found for p in share])
+
+
 def load_engine(engine, directory: Path, tag: str, rank: int, world: int) -> None:
     """Weights and optimizer state of checkpoint `directory/tag` into the engine; a checkpoint written by
-    another number of ranks goes through DeepSpeed's universal conversion first (once, by rank 0)."""
+    another number of ranks goes through DeepSpeed's universal conversion first (once, by rank 0). The caller
+    has checked the checkpoint's files with `refuse_unsafe_pickles` (the Trainer does, before it writes)."""
     saved_world = ckpt.saved_world_size(directory / tag)
     if saved_world and saved_world != world:
         if rank == 0:
@@ -69,6 +80,7 @@ def load_engine(engine, directory: Path, tag: str, rank: int, world: int) -> Non
         torch.distributed.barrier()
         engine._config.load_universal_checkpoint = True
         tag = tag + "_universal"
+        refuse_unsafe_pickles(directory / tag, rank, world)  # an earlier conversion's folder is reused as it is
     path, _ = engine.load_checkpoint(str(directory), tag=tag, load_optimizer_states=True,
                                      load_lr_scheduler_states=False)
     if path is None:

@@ -28,16 +28,16 @@ class ModelConfig:
     name: str | None = "smollm2"  # a Hugging Face folder, or smollm2 (the packaged SmolLM2-135M)
     config: dict | None = None  # instead of name: build a random model from this config (tests)
     attn: str = "auto"  # auto: flash_attention_2 on GPUs when installed, else sdpa; see cprec.attention
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory, more time)
 
 
 @dataclass
 class OptimConfig:
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0
+    weight_decay: float = 0.1  # AdamW decoupled weight decay
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW epsilon
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0: no clipping)
     torch_adam: bool = True  # torch's AdamW: no fused_adam build (2 min on CPU; needs nvcc on GPUs)
 
 
@@ -124,8 +124,12 @@ def build_ds_config(cfg: TrainConfig, world: int, cuda: bool) -> dict:
     rows_per_rank, rem = divmod(cfg.global_batch, world)
     accum = cfg.grad_accum if cfg.grad_accum is not None else rows_per_rank // cfg.micro_batch
     if rem or world * cfg.micro_batch * accum != cfg.global_batch:
+        fits = [m for m in range(1, rows_per_rank + 1) if not rem and rows_per_rank % m == 0]
+        how = (f"pass micro_batch= one of {', '.join(map(str, fits))} (it may change on a resume: the global batch "
+               f"decides the math), and leave grad_accum unset" if fits else
+               f"run on a number of ranks that divides global_batch={cfg.global_batch}")
         raise CPRecError(f"global_batch={cfg.global_batch} must equal world size ({world}) x micro_batch "
-                         f"({cfg.micro_batch}) x grad_accum ({accum}) = {world * cfg.micro_batch * accum}")
+                         f"({cfg.micro_batch}) x grad_accum ({accum}) = {world * cfg.micro_batch * accum}: {how}")
     if cfg.zero_stage is not None:
         # ZeRO-3 partitions the parameters too, which only pays where the model does not fit per GPU; stages 1
         # and 2 keep every parameter resident and skip ZeRO-3's per-module hooks on every micro-batch
@@ -168,7 +172,7 @@ def build_model(cfg: TrainConfig, ds_config: dict, cuda: bool, rank: int):
     from transformers.integrations import HfDeepSpeedConfig
 
     from cprec import attention
-    from cprec.backbone import SMOLLM2, smollm2_folder
+    from cprec.backbone import SMOLLM2, load_pretrained, smollm2_folder
 
     transformers.logging.set_verbosity_error()
     dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
@@ -195,7 +199,7 @@ def build_model(cfg: TrainConfig, ds_config: dict, cuda: bool, rank: int):
         config._attn_implementation = attn
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn)
+        model = load_pretrained(folder, dtype=dtype, attn_implementation=attn)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.config.use_cache = False

@@ -75,11 +75,11 @@ def prepared_of(cfg: TrainEvalConfig, shards: str) -> Path:
 
 def tokenizer_folder(run_model: Path | None, shards: str) -> Path:
     """The run's tokenizer (model/ holds it when the model came from a folder), else the shards' own."""
-    from cprec.backbone import resolve_tokenizer
+    from cprec.backbone import packed_tokenizer
 
     if run_model is not None and any((run_model / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
         return run_model
-    return resolve_tokenizer(read_index(Path(shards))["tokenizer"]["name"])
+    return packed_tokenizer(read_index(Path(shards)), where=f"the shards of {shards}")
 
 
 class TrainingEval:

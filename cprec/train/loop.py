@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 
 from cprec import checkpoint as ckpt
+from cprec import staging
 from cprec import schedule as wsa
-from cprec.config import to_dict
+from cprec.config import check_seed, to_dict
 from cprec.data.mixture import MixturePlan
 from cprec.data.shards import ShardSet
 from cprec.data.stream import PackedStream
@@ -33,7 +34,7 @@ from cprec.errors import CPRecError
 from cprec.schedule import ScheduleConfig
 from cprec.tracking import WandbConfig, start_wandb
 from cprec.train import run as runs
-from cprec.train.checkpointing import CheckpointConfig, Checkpointer, load_engine
+from cprec.train.checkpointing import CheckpointConfig, Checkpointer, load_engine, refuse_unsafe_pickles
 from cprec.train.engine import (ZERO_STAGES, ModelConfig, OptimConfig, build_ds_config, build_model,
                                 init_distributed, zero_stage)
 from cprec.train.evaluating import TrainEvalConfig, TrainingEval
@@ -46,10 +47,10 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # save at the next step boundar
 
 @dataclass
 class TrainConfig:
-    run_dir: str = "runs/train"
-    shards: str = ""
+    run_dir: str = "runs/train"  # the run directory: config, lineage, model/, metrics, checkpoints, plots
+    shards: str = ""  # a `cprec pack` output (recorded as an absolute path)
     task: str = "pretrain"  # pretrain: continual pre-training; sft: fine-tuning (default mixture: the sft streams)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)  # the backbone
     deepspeed: str = "auto"  # a DeepSpeed JSON; auto: zero3_bf16.json on GPUs, zero3_fp32_cpu.json on CPUs
     global_batch: int = 8  # rows of seq_len tokens per optimizer step, fixed for the run
     micro_batch: int = 1  # rows per forward pass and rank
@@ -57,21 +58,22 @@ class TrainConfig:
     loss_chunk_tokens: int = 0  # > 0: the loss computes logits this many tokens at a time (cprec/train/step.py)
     compile: bool = False  # torch.compile the model through DeepSpeed (DeepCompile if the DeepSpeed JSON enables it)
     grad_accum: int | None = None  # default: global_batch / (world size * micro_batch)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # Warmup-Stable-Annealing (cprec/schedule.py)
     mixture: dict[str, float] = field(default_factory=dict)  # default: the streams of the task's kind by their rows
     phase_mixtures: dict[str, dict[str, float]] = field(default_factory=dict)  # e.g. {anneal: {mixed: 1}}
-    seed: int = 0
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    seed: int = 0  # the data order and the model initialisation
+    optim: OptimConfig = field(default_factory=OptimConfig)  # AdamW
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # saves, retention, branch points
     eval: TrainEvalConfig = field(default_factory=TrainEvalConfig)  # recommendation metric during training
-    loader_workers: int = 0
-    log_every: int = 1
-    tensorboard: bool = False
+    loader_workers: int = 0  # DataLoader worker processes (0: the main process reads)
+    log_every: int = 1  # steps between metrics.jsonl records
+    tensorboard: bool = False  # also log to run/tensorboard/
     wandb: WandbConfig | None = None  # Weights & Biases: {project, name, mode}; see cprec/tracking.py
-    plots: bool = True
+    plots: bool = True  # draw run/plots/*.png at the end
     max_steps: int | None = None  # stop after this many steps in this process (the schedule is unchanged)
 
     def validate(self) -> None:
+        check_seed(self.seed)
         if not self.shards:
             raise CPRecError("set shards: a directory written by `cprec pack`")
         if self.task not in TASKS:
@@ -121,7 +123,7 @@ class Trainer:
         elif ckpt.complete_tags(self.ckpt_root):
             raise CPRecError(f"{self.run} already holds checkpoints; pass --resume to continue it or choose "
                              f"another run_dir")
-        self.cfg = cfg = runs.branch_config(cfg, self.lineage)
+        self.cfg = cfg = runs.branch_config(runs.absolute_paths(cfg), self.lineage)
         self.schedule, self.hash = cfg.schedule, runs.config_hash(cfg)
         self.plan = MixturePlan.resolve(ShardSet(cfg.shards).streams, cfg.task, cfg.mixture, cfg.phase_mixtures)
         if self.rank == 0:
@@ -133,8 +135,10 @@ class Trainer:
         if resume_tag is not None:
             runs.check_same_config(self.run, self.ckpt_root / resume_tag, cfg, self.hash)
             runs.check_same_zero_stage(self.ckpt_root / resume_tag, zero_stage(self.ds_config))
+            refuse_unsafe_pickles(self.ckpt_root / resume_tag, self.rank, self.world)
         elif anneal_from is not None:
             runs.check_same_zero_stage(Path(anneal_from), zero_stage(self.ds_config))
+            refuse_unsafe_pickles(Path(anneal_from), self.rank, self.world)
 
         model, folder, self._hf_ds = build_model(cfg, self.ds_config, self.cuda, self.rank)
         runs.check_vocabulary(cfg.shards, model.config.vocab_size)
@@ -143,7 +147,8 @@ class Trainer:
         self.evaluator = TrainingEval(cfg.eval, cfg.shards, folder, self.rank, self.world, self.schedule.total_steps)
         self.n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
         if self.rank == 0:
-            runs.write_run_files(self.run, cfg, model.config, folder, self.lineage)
+            runs.write_run_files(self.run, cfg, model.config, folder or runs.packed_tokenizer_or_none(cfg.shards),
+                                 self.lineage)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                                  config=self.ds_config)
         self.device = self.engine.device
@@ -218,6 +223,7 @@ class Trainer:
                         print(f"\n{stop}: saved {tag}, exiting", flush=True)
                     break
         metrics.close(finished=self.step >= total)
+        staging.unlock_folder(self.run)  # taken by runs.open_directory (rank 0)
         return last
 
     def _batches(self):

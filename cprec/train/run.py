@@ -2,7 +2,9 @@
 
 A run directory holds `config.yaml` (the resolved config), `lineage.json` (the parent of an anneal branch,
 and the config hash), `model/` (the Hugging Face config and tokenizer files, for export), `metrics.jsonl`,
-`checkpoints/` (see `cprec.checkpoint`), `plots/` and optional `tensorboard/`.
+`checkpoints/` (see `cprec.checkpoint`), `plots/` and optional `tensorboard/`. `lineage.json` is written first
+and marks the folder as a run: a run_dir that is neither new, empty nor a run is refused before anything is
+written (a user's folder is never overwritten).
 
 * A run's *semantic* config (every key but `NON_SEMANTIC`) is hashed; a resume with another hash is refused,
   naming the changed keys, before anything of the run is written.
@@ -27,6 +29,7 @@ import torch
 import yaml
 
 from cprec import checkpoint as ckpt
+from cprec import staging
 from cprec import schedule as wsa
 from cprec.config import to_dict
 from cprec.data.shards import ShardSet
@@ -40,7 +43,9 @@ if TYPE_CHECKING:
 # (the ZeRO stage and the loss's chunking change how a step is computed, not what, beyond fp32 rounding;
 # the evaluation during training reads the model and never changes it)
 NON_SEMANTIC = {"run_dir", "checkpoint", "loader_workers", "log_every", "tensorboard", "wandb", "plots", "max_steps",
-                "zero_stage", "loss_chunk_tokens", "compile", "eval"}
+                "zero_stage", "loss_chunk_tokens", "compile", "eval",
+                # how a global batch is cut into passes: the same rows, the same mean gradient (elastic resume)
+                "micro_batch", "grad_accum"}
 NO_PARENT = {"parent": None}
 
 
@@ -96,6 +101,15 @@ def read_lineage(run: Path) -> dict:
     return {k: v for k, v in json.loads(path.read_text()).items() if k != "config_hash"}
 
 
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """The config with its input paths (shards, a model folder) made absolute: config.yaml records them, and a
+    resume from another working folder must find the same files."""
+    model = cfg.model
+    if model.name and Path(model.name).is_dir():
+        model = dataclasses.replace(model, name=str(Path(model.name).resolve()))
+    return dataclasses.replace(cfg, shards=str(Path(cfg.shards).resolve()), model=model)
+
+
 def branch_config(cfg: TrainConfig, lineage: dict) -> TrainConfig:
     """The config a branch runs: its parent's schedule cut at the branch step with its own anneal, and its
     anneal mixture. A run without a parent runs its config as it is."""
@@ -134,11 +148,20 @@ def resume_tag(ckpt_root: Path, rank: int, world: int) -> str | None:
 
 def check_same_config(run: Path, checkpoint: Path, cfg: TrainConfig, hash_: str) -> None:
     """Refuse a resume whose config computes something else, naming the changed keys."""
-    if ckpt.read_state(checkpoint)["config_hash"] == hash_:
+    state = ckpt.read_state(checkpoint)
+    if state["config_hash"] == hash_:
         return
     saved = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
     diff = config_differences({k: v for k, v in saved.items() if k not in NON_SEMANTIC},
                               {k: v for k, v in to_dict(cfg).items() if k not in NON_SEMANTIC})
+    if state["stream"]["fingerprint"] == ShardSet(cfg.shards).fingerprint:
+        # the same shards at another path (moved, or a relative path from another working folder): the
+        # fingerprint is what the sample order depends on, so the path may change
+        diff = [d for d in diff if not d.startswith("shards:")]
+    if Path(str(saved.get("model", {}).get("name"))).resolve() == Path(str(cfg.model.name)).resolve():
+        diff = [d for d in diff if not d.startswith("model.name:")]  # a folder named relatively, then absolutely
+    if saved and not diff:  # the same semantic keys: a hash from a version whose NON_SEMANTIC was smaller
+        return
     raise CPRecError(f"refusing to resume {run}: the config changed ({'; '.join(diff) or 'hash'}); "
                      f"start a new run or an anneal branch instead")
 
@@ -163,18 +186,31 @@ def check_vocabulary(shards: str, model_vocab: int) -> None:
 
 # ---------------------------------------------------------------- the directory's files
 
+RUN_MARKER = "lineage.json"  # the first file a run writes: a folder with it is a CPRec run
+
+
+def is_run(folder: Path) -> bool:
+    """A CPRec run: its lineage is written, or a start was killed before anything but its checkpoints folder."""
+    return (folder / RUN_MARKER).is_file() or {p.name for p in staging.entries(folder)} <= {"checkpoints"}
+
+
 def open_directory(run: Path) -> None:
-    """Rank 0, at start: the directory exists and saves killed half-way are gone."""
+    """Rank 0, at start: the directory is new, empty or a run's (never a user's folder), exists, and saves
+    killed half-way are gone."""
+    staging.refuse_foreign(run, is_run, "CPRec run", "run_dir=")
     with writing(run):
         run.mkdir(parents=True, exist_ok=True)
+        staging.lock_folder(run)  # a second trainer on this run_dir is refused, naming this one
         removed = ckpt.remove_incomplete(run / "checkpoints")
     if removed:
         print(f"removed incomplete checkpoint(s) {', '.join(removed)} (interrupted saves)", flush=True)
 
 
 def write_run_files(run: Path, cfg: TrainConfig, model_config, tokenizer_folder: Path | None, lineage: dict) -> None:
-    """Rank 0, once the run is accepted: config.yaml, model/ (config and tokenizer, for export), lineage.json."""
+    """Rank 0, once the run is accepted: lineage.json (first: it marks the folder as a run), config.yaml, and
+    model/ (config and tokenizer, for export)."""
     with writing(run):
+        ckpt.write_json_atomic(run / RUN_MARKER, {**lineage, "config_hash": config_hash(cfg)})
         (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         model_dir = run / "model"
         model_dir.mkdir(exist_ok=True)
@@ -183,7 +219,18 @@ def write_run_files(run: Path, cfg: TrainConfig, model_config, tokenizer_folder:
             for f in Path(tokenizer_folder).iterdir():
                 if f.name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges")):
                     shutil.copy(f, model_dir / f.name)
-        ckpt.write_json_atomic(run / "lineage.json", {**lineage, "config_hash": config_hash(cfg)})
+
+
+def packed_tokenizer_or_none(shards: str) -> Path | None:
+    """The tokenizer the shards were packed with, when it can be found and checks out against the index: a run
+    of a model built from model.config keeps it in model/, so its exports can be evaluated (cprec sweep)."""
+    from cprec.backbone import packed_tokenizer
+    from cprec.data.shards import read_index
+
+    try:
+        return packed_tokenizer(read_index(Path(shards)))
+    except CPRecError:
+        return None  # e.g. random test shards: no tokenizer, as before; evaluation then names what is missing
 
 
 def truncate_metrics(run: Path, step: int) -> None:
