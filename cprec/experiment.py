@@ -205,25 +205,22 @@ def claim_folder(out: Path, cfg: ExperimentConfig) -> None:
 
     if out.exists() and not out.is_dir():
         raise CPRecError(f"--out {out} is a file; choose a new folder")
+    now = _semantic(cfg)  # loads the recipes with their overrides first: a bad one makes no folder
     marker = out / MARKER
-    if marker.is_file():
-        before = json.loads(marker.read_text())["config"]
-        now = _semantic(cfg)
+    before = json.loads(marker.read_text())["config"] if marker.is_file() else None
+    if before is not None:
         before.setdefault("recipes", now["recipes"])  # recorded since issue 25: an older marker has no record
         changed = [c for c in config_differences(before, now) if not _may_change(out, c)]
         if changed:
             raise CPRecError(f"{out} holds an experiment with another config ({'; '.join(changed)}); resuming would "
                              f"mix their results: choose another --out, or delete {out} to start over")
-        staging.lock_folder(out)  # a second experiment on this folder is refused, naming this one
-        if before != now:  # a correction of stages not run yet: recorded, so a later change is judged against it
-            marker.write_text(json.dumps({"config": now}, indent=2) + "\n")
-        return
-    if out.is_dir() and staging.entries(out):
+    elif out.is_dir() and staging.entries(out):
         raise CPRecError(f"--out {out} is a non-empty folder that no experiment made ({MARKER} is missing); "
                          f"choose a new one")
     out.mkdir(parents=True, exist_ok=True)
     staging.lock_folder(out)  # a second experiment on this folder is refused, naming this one
-    marker.write_text(json.dumps({"config": _semantic(cfg)}, indent=2) + "\n")
+    if before != now:  # new, or a correction of stages not run yet: recorded, so a later change is judged by it
+        marker.write_text(json.dumps({"config": now}, indent=2) + "\n")
 
 
 def _may_change(out: Path, difference: str) -> bool:
@@ -231,7 +228,7 @@ def _may_change(out: Path, difference: str) -> bool:
     a corrected recipe override before its training ran, the bootstrap count (the report is always redone)."""
     key = difference.split(":", 1)[0].replace("recipes.", "", 1)
     for prefix, stages in KEY_STAGES.items():
-        if key.startswith(prefix) or key == prefix:
+        if key.startswith(prefix):
             return not any(p.name.startswith(stages) for p in (out / "stages").glob("*.json")) if stages else True
     return False
 
