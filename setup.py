@@ -47,6 +47,7 @@ setup(
     ],
     extras_require={
         "gpu": ["flash-attn>=2.6"],
+        "liger": ["liger-kernel>=0.5"],  # model.kernels: liger (cprec/kernels.py; needs CUDA and Triton)
         "test": ["pytest>=8"],
         "wandb": ["wandb>=0.17"],  # `wandb:` in the training config (cprec/tracking.py)
     },

@@ -34,8 +34,12 @@ import torch
 
 from cprec.data.prepare import PrepareConfig, prepare
 from cprec.data.template import render_example
-from cprec.eval.batched import BatchScorer, PrefixTree
-from cprec.eval.evaluate import TOP_K, Downstream, EvalConfig, load_model, plan, sized_for
+from cprec.eval.batched import BatchScorer
+from cprec.eval.search import PrefixTree
+from cprec.backbone import load_model
+from cprec.eval.config import TOP_K, EvalConfig, sized_for
+from cprec.eval.downstream import Downstream
+from cprec.eval.evaluate import plan
 from cprec.eval.metrics import rank_against_ties
 from cprec.eval.scoring import TitleTrie
 

@@ -46,7 +46,8 @@ def child(shards: str, run_dir: str, rows: int, chunk: int) -> None:
     import torch
 
     from cprec.config import from_dict
-    from cprec.train.loop import TrainConfig, Trainer
+    from cprec.train.config import TrainConfig
+    from cprec.train.loop import Trainer
 
     torch.set_num_threads(2)
     cfg = from_dict(TrainConfig, {

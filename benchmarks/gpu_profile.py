@@ -14,7 +14,6 @@ import argparse
 import cProfile
 import io
 import pstats
-import statistics
 import sys
 import tempfile
 import time
@@ -23,48 +22,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_check import REPO, SMOLLM2_135M, TINY, train_config  # noqa: E402
+from gpu_check import REPO, SMOLLM2_135M, TINY, bare_loop, train_config  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 
 
-def bare_loop(shards: Path, config: dict, micro: int, steps: int, cuda: bool, attn: str) -> float:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from cprec.data.collate import IGNORE_INDEX
-    from cprec.data.shards import ShardSet
-    from cprec.data.stream import PackedStream, default_mixture
-
-    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
-    torch.manual_seed(0)
-    model_config = AutoConfig.for_model(**config)
-    model_config._attn_implementation = attn
-    model = AutoModelForCausalLM.from_config(model_config, dtype=dtype).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
-    stream = iter(PackedStream(shards, default_mixture(ShardSet(shards).streams), seed=0, global_batch=micro,
-                               phase="main"))
-    rates = []
-    for _ in range(steps + 3):
-        started = time.perf_counter()
-        batch = next(stream)
-        labels = batch["labels"][:, 1:]
-        targets = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX).to(device)
-        logits = model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
-                       use_cache=False).logits
-        loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
-                                                 ignore_index=IGNORE_INDEX, reduction="sum")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss.item()
-        rates.append(int((labels != IGNORE_INDEX).sum()) / (time.perf_counter() - started))
-    return statistics.median(rates[3:])
-
-
 def trainer_profile(tmp: Path, shards: Path, config: dict, micro: int, steps: int, cuda: bool, attn: str) -> None:
     from cprec.config import load_config
-    from cprec.train.loop import TrainConfig, Trainer
+    from cprec.train.config import TrainConfig
+    from cprec.train.loop import Trainer
 
     # enough schedule for the warm-up and the three measured passes; the first fit() stops after 3 steps
     path = train_config(tmp, "run", {"name": None, "config": config, "attn": attn}, shards, 3 * steps + 11,

@@ -50,7 +50,7 @@ def target_nll(model, tok, text: str, prompt_chars: int) -> tuple[float, int]:
 
 
 def main() -> None:
-    from cprec.eval.evaluate import load_model
+    from cprec.backbone import load_model
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True, help="a prepared directory (cprec prepare)")

@@ -231,3 +231,32 @@ def tokenizer_identity(folder: str | Path, tok, name: str) -> dict:
             digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return {"name": name, "vocab_size": len(tok),
             "hash": digest.hexdigest()[:32], "eos_id": tok.eos_token_id}
+
+
+# ---------------------------------------------------------------- loading a model to evaluate
+
+def model_folder(spec: str) -> Path:
+    return smollm2_folder() if spec == "smollm2" else Path(spec)
+
+
+def load_model(spec: str, device=None, dtype=None):
+    """(model, tokenizer) of a Hugging Face folder or 'smollm2', on `device` in `dtype` (default: CPU, fp32)."""
+    import torch
+    import transformers
+
+    from cprec.attention import for_evaluation
+
+    transformers.logging.set_verbosity_error()
+    folder = model_folder(spec)
+    if not (folder / "config.json").is_file():
+        raise CPRecError(f"--model {spec}: not a Hugging Face model folder (no config.json) nor 'smollm2'")
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        raise CPRecError(f"--model {spec}: the folder has no tokenizer (tokenizer.json); evaluation renders text, "
+                         f"so copy the backbone's tokenizer files into it (an export takes them from the run's "
+                         f"model/ folder, which has none when the run trained a model built from model.config)")
+    dtype = dtype or torch.float32
+    try:  # the batched scorer passes its own 4-D masks, which SDPA (and eager) attention take
+        model = load_pretrained(folder, dtype=dtype, attn_implementation=for_evaluation(device))
+    except (ValueError, ImportError):
+        model = load_pretrained(folder, dtype=dtype, attn_implementation="eager")
+    return model.to(device or "cpu"), transformers.AutoTokenizer.from_pretrained(folder)

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+from cprec import staging
 from cprec.errors import CPRecError
 
 MARKER = "complete.json"
@@ -44,12 +44,6 @@ def step_of(tag: str) -> int:
     if not match:
         raise CPRecError(f"'{tag}' is not a checkpoint tag (stepNNNNNNNN)")
     return int(match.group(1))
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def checkpoint_files(checkpoint: Path) -> list[str]:
@@ -97,14 +91,30 @@ SAFE_GLOBALS = ["deepspeed.runtime.fp16.loss_scaler.LossScaler",
                 "deepspeed.utils.tensor_fragment.fragment_address"]
 
 
-def _safe_globals() -> list:
+SAFE_ENUMS = ["deepspeed.runtime.zero.config.ZeroStageEnum"]  # of SAFE_GLOBALS, the enums
+
+
+def _load_global(name: str):
     import importlib
 
-    found = []
-    for name in SAFE_GLOBALS:
-        module, _, attr = name.rpartition(".")
-        found.append(getattr(importlib.import_module(module), attr))
-    return found
+    module, _, attr = name.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _enum_member(cls, name):
+    """`getattr` as some Pythons pickle an Enum member (Debian's 3.11.2: `getattr(ZeroStageEnum, 'weights')`),
+    allowed for that alone: a member of an allow-listed enum. Any other getattr could reach a function's
+    globals, and from there anything, so it is refused."""
+    import pickle
+
+    if any(cls is _load_global(e) for e in SAFE_ENUMS) and isinstance(name, str) and name in cls.__members__:
+        return cls[name]
+    raise pickle.UnpicklingError(f"Unsupported global: GLOBAL builtins.getattr of {getattr(cls, '__name__', cls)!r}"
+                                 f".{name!r} (only members of {', '.join(SAFE_ENUMS)})")
+
+
+def _safe_globals() -> list:
+    return [*(_load_global(name) for name in SAFE_GLOBALS), (_enum_member, "builtins.getattr")]
 
 
 def unsafe_pickle(path: Path) -> str | None:
@@ -117,7 +127,7 @@ def unsafe_pickle(path: Path) -> str | None:
         with torch.serialization.safe_globals(_safe_globals()):
             torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
-        found = re.search(r"GLOBAL ([\w.]+)", str(exc))  # "Unsupported global: GLOBAL x", or "... GLOBAL x whose module is blocked"
+        found = re.search(r"GLOBAL ([\w.]+(?: of [^ ]+)?)", str(exc))  # "Unsupported global: GLOBAL x", or "... GLOBAL x whose module is blocked"
         what = f"needs {found.group(1)}" if found else f"cannot be read safely ({str(exc).splitlines()[0]})"
         return f"{path} {what}, which a checkpoint of CPRec never holds"
     except (RuntimeError, OSError, EOFError) as exc:  # not a torch file at all
@@ -148,10 +158,8 @@ def verify_files(checkpoint: Path) -> None:
 
 def mark_complete(root: Path, tag: str, state: dict) -> None:
     """Rank 0, after every rank has written: the marker, then `latest`."""
-    write_json_atomic(root / tag / MARKER, state)
-    tmp = root / f"{LATEST}.tmp{os.getpid()}"
-    tmp.write_text(tag + "\n")
-    os.replace(tmp, root / LATEST)
+    staging.write_json_atomic(root / tag / MARKER, state)
+    staging.write_atomic(root / LATEST, tag + "\n")
 
 
 def complete_tags(root: Path) -> list[str]:

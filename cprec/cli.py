@@ -10,18 +10,8 @@ import sys
 from pathlib import Path
 
 from cprec.config import ConfigError, load_config
+from cprec.tables import format_table, stream_table
 from cprec.errors import CPRecError
-
-
-def format_table(header: list[str], rows: list[list]) -> str:
-    """A plain aligned text table (also valid Markdown)."""
-    cells = [[str(c) for c in header]] + [[f"{c:,}" if isinstance(c, int) else str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(cells[0], widths)) + " |",
-             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    lines += ["| " + " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"
-              for r in cells[1:]]
-    return "\n".join(lines)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -77,23 +67,6 @@ def cmd_pack(args) -> int:
     return 0
 
 
-def stream_table(index: dict) -> tuple[list[str], list[list]]:
-    itemsize = 2 if index["dtype"] == "uint16" else 4
-    rows = []
-    for name, st in index["streams"].items():
-        raw = st["rows"] * index["seq_len"] * itemsize
-        rows.append([name, st["kind"], st["rows"], st["tokens"], st["documents"], st["split_documents"],
-                     f"{st['slot_use']:.2%}", f"{st['bytes'] / 2**20:.2f}", f"{raw / max(st['bytes'], 1):.1f}x"])
-    streams = index["streams"].values()
-    total_rows, total_tokens = sum(s["rows"] for s in streams), sum(s["tokens"] for s in streams)
-    total_bytes = sum(s["bytes"] for s in streams)
-    rows.append(["(all)", "", total_rows, total_tokens, sum(s["documents"] for s in streams),
-                 sum(s["split_documents"] for s in streams),
-                 f"{total_tokens / max(total_rows * index['seq_len'], 1):.2%}", f"{total_bytes / 2**20:.2f}",
-                 f"{total_rows * index['seq_len'] * itemsize / max(total_bytes, 1):.1f}x"])
-    return ["stream", "kind", "rows", "tokens", "documents", "split", "slot use", "MB", "compression"], rows
-
-
 def cmd_inspect(args) -> int:
     from cprec.data.shards import ShardSet
 
@@ -129,7 +102,7 @@ def cmd_inspect(args) -> int:
 
 def cmd_train(args) -> int:
     """The one-process case of launch/train.py (use deepspeed/torchrun for several ranks)."""
-    from cprec.train.launch import run, split_mixture_overrides
+    from cprec.train.arguments import run, split_mixture_overrides
 
     return run(split_mixture_overrides(args))
 
@@ -185,14 +158,14 @@ def _eval_overrides(args, overrides: list[str]) -> list[str]:
 
 
 def eval_config(args):
-    from cprec.eval.evaluate import EvalConfig
+    from cprec.eval.config import EvalConfig
 
     return load_config(EvalConfig, None, _eval_overrides(args, args.overrides))
 
 
 def baseline_configs(args):
     """(evaluation config, SASRec config): the overrides are split by the key they name."""
-    from cprec.eval.evaluate import EvalConfig
+    from cprec.eval.config import EvalConfig
     from cprec.eval.sasrec import SASRecConfig
 
     eval_keys = {f.name for f in __import__("dataclasses").fields(EvalConfig)}
@@ -224,7 +197,7 @@ def cmd_baseline(args) -> int:
 
 def cmd_sweep(args) -> int:
     """Anneal branches from a run's branch points, each exported and evaluated (`cprec.sweep`)."""
-    from cprec.eval.evaluate import EvalConfig
+    from cprec.eval.config import EvalConfig
     from cprec.sweep import spec_from_args, sweep
 
     keys = {f.name for f in __import__("dataclasses").fields(EvalConfig)}  # --mixture's nargs took them
@@ -256,7 +229,7 @@ def cmd_experiment(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cprec.train.launch import add_train_arguments
+    from cprec.train.arguments import add_train_arguments
 
     parser = argparse.ArgumentParser(prog="cprec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -372,7 +345,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cprec.train.engine import close_process_group
+    from cprec.process_group import close_process_group
 
     args = parse_args(argv)
     clean = False

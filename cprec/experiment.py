@@ -25,10 +25,8 @@ for the life of its process. Evaluation and SASRec run in this process.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -37,19 +35,10 @@ from cprec import staging
 from cprec.config import check_seed, deep_merge, field_value, from_dict, parse_overrides, read_config_file, to_dict
 from cprec.data.prepare import PrepareConfig
 from cprec.errors import CPRecError
-from cprec.eval.evaluate import EvalConfig
+from cprec.eval.config import EvalConfig
 from cprec.eval.sasrec import SASRecConfig
-from cprec.train.engine import child_env
+from cprec.experiment_report import COMPARISONS, MODELS
 
-MODELS = {  # name -> label in the report; the order of the tables
-    "base": "backbone, zero-shot",
-    "cpt": "continual pre-training (CPT), zero-shot",
-    "sft": "fine-tuning only (SFT)",
-    "cpt_sft": "CPT, then SFT",
-    "sasrec": "SASRec",
-}
-COMPARISONS = [("cpt_sft", "sft"), ("cpt_sft", "sasrec"), ("cpt", "base")]  # (A, B): A - B is tested
-TESTED_METRICS = ["HR@10", "NDCG@10"]
 MARKER = "experiment.json"
 SPEED_KEYS = {"pack_workers", "sizes", "eval.batch_users", "eval.row_nodes", "eval.tokens_per_pass",
               "eval.node_cache_mb", "eval.beam", "eval.frontier", "eval.exhaustive_below",
@@ -127,50 +116,13 @@ def load_experiment_config(path: str | Path, size: str | None = None, overrides:
 
 # ---------------------------------------------------------------- the folder and its stage markers
 
-class Stages:
-    """OUT/stages/<name>.json markers: a stage counts as done only when its marker exists (written last)."""
-
-    def __init__(self, out: Path):
-        self.root = out / "stages"
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.ran: list[str] = []  # stages this process ran (not skipped)
-
-    def path(self, name: str) -> Path:
-        return self.root / f"{name.replace('/', '__')}.json"
-
-    def done(self, name: str) -> bool:
-        return self.path(name).is_file()
-
-    def mark(self, name: str, seconds: float, **info) -> None:
-        from cprec.checkpoint import write_json_atomic
-
-        write_json_atomic(self.path(name), {"stage": name, "seconds": round(seconds, 2), "finished": time.time(),
-                                            **info})
-
-    def run(self, name: str, fn):
-        """Run `fn` unless `name` is done; its marker is written after it returns."""
-        if self.done(name):
-            print(f"== {name}: done earlier, skipped", flush=True)
-            return
-        print(f"\n== {name}", flush=True)
-        started = time.perf_counter()
-        info = fn() or {}
-        self.ran.append(name)
-        self.mark(name, time.perf_counter() - started, **info)
-
-    def seconds(self) -> dict[str, float]:
-        """Stage -> seconds, in the order the stages finished."""
-        recs = sorted((json.loads(p.read_text()) for p in self.root.glob("*.json")), key=lambda r: r["finished"])
-        return {r["stage"]: r["seconds"] for r in recs}
-
-
 def check_recipes(cfg: ExperimentConfig) -> dict:
     """Load the CPT and SFT recipes with their overrides, as the training children will, before the first
     stage: an unknown key or a bad value is named now, not after prepare, pack and the first evaluations.
     Returns each recipe's content (its resolved YAML), which the experiment records instead of a path alone:
     editing a recipe file changes the experiment."""
     from cprec.config import load_config
-    from cprec.train.loop import TrainConfig
+    from cprec.train.config import TrainConfig
 
     resolved = {}
     for stage in ("cpt", "sft"):
@@ -201,32 +153,16 @@ def _semantic(cfg: ExperimentConfig) -> dict:
 
 def claim_folder(out: Path, cfg: ExperimentConfig) -> None:
     """Start or resume OUT: record the config, or refuse one that would change results (naming the keys)."""
-    from cprec.train.run import config_differences
-
-    if out.exists() and not out.is_dir():
-        raise CPRecError(f"--out {out} is a file; choose a new folder")
     now = _semantic(cfg)  # loads the recipes with their overrides first: a bad one makes no folder
-    marker = out / MARKER
-    before = json.loads(marker.read_text())["config"] if marker.is_file() else None
-    if before is not None:
-        before.setdefault("recipes", now["recipes"])  # recorded since issue 25: an older marker has no record
-        changed = [c for c in config_differences(before, now) if not _may_change(out, c)]
-        if changed:
-            raise CPRecError(f"{out} holds an experiment with another config ({'; '.join(changed)}); resuming would "
-                             f"mix their results: choose another --out, or delete {out} to start over")
-    elif out.is_dir() and staging.entries(out):
-        raise CPRecError(f"--out {out} is a non-empty folder that no experiment made ({MARKER} is missing); "
-                         f"choose a new one")
-    out.mkdir(parents=True, exist_ok=True)
-    staging.lock_folder(out)  # a second experiment on this folder is refused, naming this one
-    if before != now:  # new, or a correction of stages not run yet: recorded, so a later change is judged by it
-        marker.write_text(json.dumps({"config": now}, indent=2) + "\n")
+    # the recipes' content is recorded since issue 25: an older marker is compared without it
+    staging.claim(out, MARKER, {"config": now}, "an experiment", may_change=lambda c: _may_change(out, c),
+                  since=("config.recipes",))
 
 
 def _may_change(out: Path, difference: str) -> bool:
     """A changed key (`key: old -> new`) is accepted on resume when no stage that depends on it has finished:
     a corrected recipe override before its training ran, the bootstrap count (the report is always redone)."""
-    key = difference.split(":", 1)[0].replace("recipes.", "", 1)
+    key = difference.split(":", 1)[0].removeprefix("config.").removeprefix("recipes.")
     for prefix, stages in KEY_STAGES.items():
         if key.startswith(prefix):
             return not any(p.name.startswith(stages) for p in (out / "stages").glob("*.json")) if stages else True
@@ -241,7 +177,7 @@ class Experiment:
     def __init__(self, cfg: ExperimentConfig, out: str | Path, size: str | None = None):
         self.cfg, self.out, self.size = cfg, Path(out), size
         self.prepared, self.shards = self.out / "prepared", self.out / "shards"
-        self.stages: Stages | None = None
+        self.stages: staging.Stages | None = None
 
     # paths
     def base_model(self) -> str:
@@ -284,7 +220,7 @@ class Experiment:
             staging.unlock_folder(self.out)  # taken by claim_folder
 
     def _stages(self) -> Path:
-        self.stages = st = Stages(self.out)
+        self.stages = st = staging.Stages(self.out)
         st.run("prepare", self.prepare)
         st.run("pack", self.pack)
         if self.cfg.model_config is not None:
@@ -315,7 +251,7 @@ class Experiment:
 
     def domains(self) -> list[tuple[str, str]]:
         """(domain, slug) of the evaluated held-out domains."""
-        from cprec.eval.evaluate import downstream_domains
+        from cprec.eval.downstream import downstream_domains
 
         manifest, names = downstream_domains(self.prepared, self.cfg.eval)
         return [(d, manifest["domains"]["streams"][d]) for d in names]  # as Prepared.slug reads it
@@ -350,7 +286,7 @@ class Experiment:
     def candidates(self, domains) -> None:
         """The sampled protocol's candidates, drawn once and scored by every model."""
         from cprec.data.prepared import read_manifest
-        from cprec.eval.evaluate import Downstream, sampled_candidates
+        from cprec.eval.downstream import Downstream, sampled_candidates
 
         manifest = read_manifest(self.prepared)
         for domain, _ in domains:
@@ -403,7 +339,7 @@ def _quiet(_result) -> None:
 
 def _child(args: list[str]) -> None:
     """A `cprec` command in a child process; its output goes to ours. It takes a free port on its own."""
-    code = subprocess.run([sys.executable, "-m", "cprec.cli", *args], env=child_env()).returncode
+    code = subprocess.run([sys.executable, "-m", "cprec.cli", *args], env=staging.child_env()).returncode
     if code:
         raise CPRecError(f"`cprec {' '.join(args)}` failed (exit {code}); fix the cause and run the same "
                          f"experiment command again: finished stages are kept")

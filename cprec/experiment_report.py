@@ -16,8 +16,18 @@ from cprec.data.cleaning import markdown_text
 from cprec.data.prepared import LEAVE_ONE_OUT, check_same_split, read_manifest, split_kind
 from cprec.errors import CPRecError
 from cprec.eval import stats
-from cprec.train.metrics import read_metrics
-from cprec.experiment import MODELS, TESTED_METRICS
+from cprec.tables import markdown_table
+from cprec.train.metrics_log import read_metrics
+
+MODELS = {  # name -> label in the report; the order of the tables
+    "base": "backbone, zero-shot",
+    "cpt": "continual pre-training (CPT), zero-shot",
+    "sft": "fine-tuning only (SFT)",
+    "cpt_sft": "CPT, then SFT",
+    "sasrec": "SASRec",
+}
+COMPARISONS = [("cpt_sft", "sft"), ("cpt_sft", "sasrec"), ("cpt", "base")]  # (A, B): A - B is tested
+TESTED_METRICS = ["HR@10", "NDCG@10"]
 
 PROTOCOL = "full"  # the primary protocol: the statistics are computed on it
 
@@ -134,32 +144,26 @@ def _cell(m: dict) -> str:
 
 def results_table(results: dict, metrics: list[str]) -> list[str]:
     """One markdown table: a row per domain and model, a column per metric (mean [95% interval over seeds])."""
-    lines = ["| domain | model | seeds | " + " | ".join(metrics) + " |", "|---|---|---|" + "---|" * len(metrics)]
-    for domain in results["domains"]:
-        for model, label in MODELS.items():
-            if model not in results["metrics"]:
-                continue
-            entry = results["metrics"][model][domain]
-            n = entry[metrics[0]]["n"]
-            lines.append(f"| {markdown_text(domain)} | {label} | {n} | " + " | ".join(_cell(entry[m]) for m in metrics) + " |")
-    return lines
+    rows = [[markdown_text(domain), label, entry[metrics[0]]["n"], *(_cell(entry[m]) for m in metrics)]
+            for domain in results["domains"] for model, label in MODELS.items() if model in results["metrics"]
+            for entry in [results["metrics"][model][domain]]]
+    return markdown_table(["domain", "model", "seeds", *metrics], rows)
 
 
 def comparison_table(results: dict) -> list[str]:
-    lines = ["| domain | comparison | metric | difference | 95% CI | p | significant |", "|---|---|---|---|---|---|---|"]
-    for t in results["comparisons"]:
-        lines.append(f"| {markdown_text(t['domain'])} | {MODELS[t['a']]} − {MODELS[t['b']]} | {t['metric']} | {t['diff']:+.4f} | "
-                     f"[{t['low']:+.4f}, {t['high']:+.4f}] | {t['p']:.4f} | {'yes' if t['significant'] else 'no'} |")
-    return lines
+    rows = [[markdown_text(t["domain"]), f"{MODELS[t['a']]} − {MODELS[t['b']]}", t["metric"], f"{t['diff']:+.4f}",
+             f"[{t['low']:+.4f}, {t['high']:+.4f}]", f"{t['p']:.4f}", "yes" if t["significant"] else "no"]
+            for t in results["comparisons"]]
+    return markdown_table(["domain", "comparison", "metric", "difference", "95% CI", "p", "significant"], rows)
 
 
 def moves_table(results: dict) -> list[str]:
-    lines = [f"| domain | comparison (A vs B) | A ranks the target better | worse | same (top {TOP}) | "
-             f"beyond top {TOP} for both | mean rank A / B (beyond = {TOP + 1}) |", "|---|---|---|---|---|---|---|"]
-    for m in results["rank_moves"]:
-        lines.append(f"| {markdown_text(m['domain'])} | {MODELS[m['a']]} vs {MODELS[m['b']]} | {m['better']} | {m['worse']} | "
-                     f"{m['same_in_top']} | {m['beyond_both']} | {m['mean_rank_a']:.2f} / {m['mean_rank_b']:.2f} |")
-    return lines
+    header = ["domain", "comparison (A vs B)", "A ranks the target better", "worse", f"same (top {TOP})",
+              f"beyond top {TOP} for both", f"mean rank A / B (beyond = {TOP + 1})"]
+    rows = [[markdown_text(m["domain"]), f"{MODELS[m['a']]} vs {MODELS[m['b']]}", m["better"], m["worse"],
+             m["same_in_top"], m["beyond_both"], f"{m['mean_rank_a']:.2f} / {m['mean_rank_b']:.2f}"]
+            for m in results["rank_moves"]]
+    return markdown_table(header, rows)
 
 
 def in_words(results: dict) -> list[str]:

@@ -30,14 +30,8 @@ def is_export(folder: Path) -> bool:
 
 def check_output(out: Path, overwrite: bool) -> None:
     """Refuse an output folder that is not CPRec's to replace (see the module docstring)."""
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
-        return
-    if not out.is_dir():
-        raise CPRecError(f"--out {out} is a file; choose a folder that does not exist yet")
-    if not is_export(out):
-        raise CPRecError(f"--out {out} is a non-empty folder that is not an earlier export (no {EXPORT_MARKER}); "
-                         f"CPRec never deletes it: choose a new folder")
-    if not overwrite:
+    staging.refuse_foreign(out, is_export, "export")
+    if out.is_dir() and staging.entries(out) and not overwrite:
         raise CPRecError(f"--out {out} holds an earlier export; pass --overwrite to replace it")
 
 

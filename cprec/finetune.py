@@ -24,7 +24,8 @@ from cprec.data.prepared import sft_stream, stream_name
 from cprec.data.shards import ShardSet
 from cprec.data.stream import default_mixture
 from cprec.errors import CPRecError
-from cprec.train.loop import TrainConfig, Trainer
+from cprec.train.config import TrainConfig
+from cprec.train.loop import Trainer
 WARMUP_FRACTION, ANNEAL_FRACTION = 0.05, 0.2  # of an epoch-sized schedule; the rest is stable
 
 

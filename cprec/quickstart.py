@@ -17,8 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from cprec.cli import format_table, stream_table
+from cprec.tables import format_table, stream_table
 from cprec.config import load_config
+from cprec import staging
 from cprec.errors import CPRecError
 
 
@@ -61,7 +62,8 @@ def run_quickstart(args) -> int:
     print(f"\ntrained {last['step']} steps of {cfg.global_batch} rows x {args.seq_len} tokens, final loss "
           f"{last['loss']:.3f}; exported {tag} -> {hf}")
 
-    from cprec.eval.evaluate import EvalConfig, evaluate
+    from cprec.eval.config import EvalConfig
+    from cprec.eval.evaluate import evaluate
     from cprec.eval.sasrec import SASRecConfig, evaluate_sasrec
 
     eval_cfg = EvalConfig(protocol="full", users=args.eval_users)
@@ -87,7 +89,7 @@ QUICKSTART_MARKER = ".cprec-quickstart"  # a folder holding it is a quickstart's
 
 def quickstart_config(args):
     from cprec import resources
-    from cprec.train.loop import TrainConfig
+    from cprec.train.config import TrainConfig
 
     out = Path(args.out)
     return load_config(TrainConfig, resources.recipe("quickstart.yaml"),
@@ -97,11 +99,7 @@ def quickstart_config(args):
 def claim_quickstart_folder(out: Path) -> None:
     """The quickstart replaces its own prepared/, run/ and hf/ on a re-run, so it refuses a non-empty folder
     that an earlier quickstart did not make: they might be someone's data."""
-    if out.exists() and not out.is_dir():
-        raise CPRecError(f"--out {out} is a file; choose a new folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / QUICKSTART_MARKER).is_file():
-        raise CPRecError(f"--out {out} is a non-empty folder that no quickstart made ({QUICKSTART_MARKER} is "
-                         f"missing); the quickstart replaces parts of its folder, so choose a new one")
+    staging.refuse_foreign(out, lambda folder: (folder / QUICKSTART_MARKER).is_file(), "quickstart")
     out.mkdir(parents=True, exist_ok=True)
     (out / QUICKSTART_MARKER).write_text("written by cprec quickstart\n")
 
@@ -138,7 +136,7 @@ def quickstart_sweep(out: Path, cfg, args) -> dict:
     the recipe's branch_every), each exported and evaluated on the validation users."""
     import shutil
 
-    from cprec.eval.evaluate import EvalConfig
+    from cprec.eval.config import EvalConfig
     from cprec.sweep import SweepSpec, sweep
 
     shutil.rmtree(out / "sweep", ignore_errors=True)  # the run it branched from was just replaced

@@ -14,6 +14,8 @@ import sys
 import typing
 from pathlib import Path
 
+from cprec.tables import markdown_table
+
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "reference.md"
 _FIELD = re.compile(r"^\s+(\w+)\s*:[^#]*?(?:#\s*(.*))?$")
 
@@ -22,10 +24,10 @@ def configs() -> list[tuple[str, str, type]]:
     """(title, how it is given, dataclass) of every config a user writes."""
     from cprec.data.pack import PackConfig
     from cprec.data.prepare import PrepareConfig
-    from cprec.eval.evaluate import EvalConfig
+    from cprec.eval.config import EvalConfig
     from cprec.eval.sasrec import SASRecConfig
     from cprec.experiment import ExperimentConfig
-    from cprec.train.loop import TrainConfig
+    from cprec.train.config import TrainConfig
 
     return [("Prepare (cprec prepare)", "`cprec prepare --config FILE key=value ...`", PrepareConfig),
             ("Pack (cprec pack)", "`cprec pack` flags (`--seq-len`, `--workers`) and `key=value`", PackConfig),
@@ -92,9 +94,9 @@ def render() -> str:
     tables = configs()
     for title, given, cls in tables:
         lines += [f"## {title}", "", f"Given as {given}; `{cls.__module__}.{cls.__name__}`.", "",
-                  "| key | type | default | meaning |", "|---|---|---|---|"]
-        lines += [f"| `{key}` | `{kind}` | {default} | {meaning.replace('|', chr(92) + '|')} |"
-                  for key, kind, default, meaning in rows(cls, tabled=tuple(c for _, _, c in tables if c is not cls))]
+                  *markdown_table(["key", "type", "default", "meaning"], [
+                      [f"`{key}`", f"`{kind}`", default, meaning.replace("|", chr(92) + "|")]
+                      for key, kind, default, meaning in rows(cls, tabled=tuple(c for _, _, c in tables if c is not cls))])]
         lines.append("")
     return "\n".join(lines)
 

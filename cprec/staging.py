@@ -1,6 +1,18 @@
-"""Output folders built aside and renamed into place when complete (`cprec prepare`, `cprec export`).
+"""Output folders, the one owner: every command that writes an output folder claims it here, so a refusal
+reads the same whichever command gives it.
 
-Contract:
+* `refuse_foreign(out, is_own, made_by)`: CPRec writes only into a new or empty folder or its own earlier
+  output; anything else is refused before any work, naming what the folder holds.
+* `claim(out, record, settings, made_by)`: start `out` with its settings recorded in `out/record`, or resume it
+  with the same settings; a resume with other settings is refused naming every changed key (`differences`).
+* `lock_folder(out)`: one writer per folder (a kernel lock a killed process never leaves behind).
+* `write_atomic(path, data)` / `write_json_atomic`: a file is whole or absent, never torn.
+* `writing(folder)`: an OSError while writing names the folder (a read-only or full disk).
+* `child_env()`: the environment of a `cprec` child process that must make a process group of its own.
+* `Stages(out)`: the stages of a command that runs several (`cprec experiment`), each marked done when it
+  returns, so that a re-run skips it.
+
+Folders built aside and renamed into place when complete (`cprec prepare`, `cprec export`):
 
 * `check(out)` refuses, before any work, what CPRec must not touch: a symbolic link at `out`, or a
   `<out>.partial` / `<out>.replaced` that does not hold `STAGING_MARKER` (an empty folder, which a kill can
@@ -20,10 +32,13 @@ Contract:
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
+import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from cprec.errors import CPRecError
 
@@ -159,3 +174,149 @@ def _remove(folder: Path) -> None:
             entry.unlink()
     (folder / STAGING_MARKER).unlink(missing_ok=True)
     folder.rmdir()
+
+
+# ---------------------------------------------------------------- settings recorded in an output folder
+
+def differences(before: dict, now: dict, prefix: str = "") -> list[str]:
+    """`key: old -> new` for every leaf that differs between two settings dicts (nested keys dotted)."""
+    out = []
+    for key in sorted(set(before) | set(now)):
+        old, new = before.get(key), now.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            out += differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            out.append(f"{prefix}{key}: {old!r} -> {new!r}")
+    return out
+
+
+def refuse_changed(out: Path, made_by: str, changed: list[str]) -> None:
+    """The one refusal of a resume whose settings differ from the recorded ones, naming every changed key."""
+    if changed:
+        raise CPRecError(f"{out} holds {made_by} with other settings ({'; '.join(changed)}); resuming would mix "
+                         f"their results: choose another --out, or delete {out} to start over")
+
+
+def claim(out: Path, record: str, settings: dict, made_by: str, *, is_own: Callable[[Path], bool] | None = None,
+          may_change: Callable[[str], bool] = lambda difference: False, since: Iterable[str] = (),
+          lock: bool = True) -> dict | None:
+    """Start `out` (recording `settings` in `out/record`) or resume it with the same settings; return the
+    settings recorded before, or None for a new folder.
+
+    `made_by` names the command's output ("an evaluation"); `is_own` says which folders without the record are
+    still this command's (default: none); `may_change` accepts a changed key (`key: old -> new`) on resume;
+    `since` lists dotted keys that older records lack, left out of the comparison there. With `lock`, this
+    process holds the folder's lock from here on (a second writer is refused, naming this one)."""
+    path = out / record
+    refuse_foreign(out, lambda folder: (folder / record).is_file() or bool(is_own and is_own(folder)),
+                   made_by.split(" ", 1)[-1])
+    before = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    if before is not None:
+        compared = settings
+        for key in since:
+            if _get(before, key) is None:
+                compared = _without(compared, key)
+        refuse_changed(out, made_by, [d for d in differences(before, compared) if not may_change(d)])
+    out.mkdir(parents=True, exist_ok=True)
+    if lock:
+        lock_folder(out)
+    if before != settings:  # new, or an accepted change: recorded, so a later change is judged by it
+        write_json_atomic(path, settings)
+    return before
+
+
+def _get(settings: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(settings, dict):
+            return None
+        settings = settings.get(part)
+    return settings
+
+
+def _without(settings: dict, dotted: str) -> dict:
+    head, _, rest = dotted.partition(".")
+    if head not in settings:
+        return settings
+    if not rest:
+        return {k: v for k, v in settings.items() if k != head}
+    return {**settings, head: _without(settings[head], rest)} if isinstance(settings[head], dict) else settings
+
+
+# ---------------------------------------------------------------- files written whole
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write to a temporary name, fsync, then rename: `path` is whole or absent. An OSError names `path` (a
+    failed write or fsync does not), and the partial temporary is removed: on a full disk it only takes space."""
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
+
+
+def write_json_atomic(path: Path, data) -> None:
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def writing(folder: Path, what: str = "run directory", flag: str = "run_dir"):
+    """Name the folder when writing into it fails (a read-only or full disk), not a bare OSError."""
+    try:
+        yield
+    except OSError as exc:
+        raise CPRecError(f"cannot write the {what} {folder}: {exc.strerror or exc} "
+                         f"({exc.filename or folder}); choose a writable {flag} or make room") from None
+
+
+# what a launcher (or a lone process making its own group) sets for a rank
+LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def child_env() -> dict[str, str]:
+    """The environment for a `cprec` child process started by a command (a sweep's branch, an experiment's
+    training): without this process's rank variables, so that the child makes a process group of its own
+    rather than trying to join this one."""
+    return {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
+
+
+# ---------------------------------------------------------------- stage markers
+
+class Stages:
+    """OUT/stages/<name>.json markers: a stage counts as done only when its marker exists (written last)."""
+
+    def __init__(self, out: Path):
+        self.root = out / "stages"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.ran: list[str] = []  # stages this process ran (not skipped)
+
+    def path(self, name: str) -> Path:
+        return self.root / f"{name.replace('/', '__')}.json"
+
+    def done(self, name: str) -> bool:
+        return self.path(name).is_file()
+
+    def mark(self, name: str, seconds: float, **info) -> None:
+        write_json_atomic(self.path(name), {"stage": name, "seconds": round(seconds, 2), "finished": time.time(),
+                                            **info})
+
+    def run(self, name: str, fn):
+        """Run `fn` unless `name` is done; its marker is written after it returns."""
+        if self.done(name):
+            print(f"== {name}: done earlier, skipped", flush=True)
+            return
+        print(f"\n== {name}", flush=True)
+        started = time.perf_counter()
+        info = fn() or {}
+        self.ran.append(name)
+        self.mark(name, time.perf_counter() - started, **info)
+
+    def seconds(self) -> dict[str, float]:
+        """Stage -> seconds, in the order the stages finished."""
+        recs = sorted((json.loads(p.read_text()) for p in self.root.glob("*.json")), key=lambda r: r["finished"])
+        return {r["stage"]: r["seconds"] for r in recs}

@@ -34,9 +34,10 @@ import sys
 from pathlib import Path
 
 from cprec import checkpoint as ckpt
+from cprec import staging
+from cprec.tables import markdown_table
 from cprec import schedule as wsa
 from cprec.errors import CPRecError
-from cprec.train.engine import child_env
 
 SETTINGS = "sweep-settings.json"
 BRANCH_ROW = "branch.json"
@@ -133,7 +134,7 @@ def train_branch(spec: SweepSpec, step: int, source: Path) -> Path:
     cmd = [*spec.launcher, *args]
     print(f"\n== branch from step {step}: {shlex.join(cmd)}", flush=True)
     # a caller holding a process group (the quickstart) must not hand its rank and port to the child
-    code = subprocess.run(cmd, env=child_env()).returncode
+    code = subprocess.run(cmd, env=staging.child_env()).returncode
     if code or ckpt.latest_complete(run / "checkpoints") != final:
         raise CPRecError(f"training the branch from step {step} stopped (exit {code}) before its final checkpoint "
                          f"{final} (command: {shlex.join(cmd)}); run the same sweep again to resume it")
@@ -167,7 +168,7 @@ def pooled(results: dict, protocol: str) -> dict:
 
 
 def final_losses(run: Path) -> tuple[float, dict]:
-    from cprec.train.metrics import read_metrics
+    from cprec.train.metrics_log import read_metrics
 
     steps, _ = read_metrics(run)
     if not steps:
@@ -190,29 +191,18 @@ def do_branch(spec: SweepSpec, step: int, source: Path) -> dict:
            "users": sum(d["users"] for d in results["domains"].values()), **pooled(results, protocol),
            "domains": {name: {m: d[protocol][m] for m in METRICS} | {"users": d["users"]}
                        for name, d in results["domains"].items()}}
-    ckpt.write_json_atomic(folder / BRANCH_ROW, row)
+    staging.write_json_atomic(folder / BRANCH_ROW, row)
     return row
 
 
 # ---------------------------------------------------------------- the sweep
 
 def claim(out: Path, settings: dict) -> None:
-    """Start OUT, or continue it with the same settings (else name the differences)."""
-    from cprec.train.run import config_differences
-
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / SETTINGS
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        diff = config_differences(saved, settings)
-        if diff:
-            raise CPRecError(f"{out} holds a sweep with other settings ({'; '.join(diff)}); choose another --out")
-        return
+    """Start OUT, or continue it with the same settings (else name the differences). Not locked: the branches
+    of one sweep run as separate array tasks, all in OUT."""
     # another array task may be writing the settings (SETTINGS.tmpPID) or a branch (step*) right now
-    if any(not p.name.startswith((SETTINGS, "step")) for p in out.iterdir()):
-        raise CPRecError(f"--out {out} is a non-empty folder that holds no sweep ({SETTINGS} is missing); "
-                         f"choose a new folder")
-    ckpt.write_json_atomic(path, settings)
+    staging.claim(out, SETTINGS, settings, "a sweep", lock=False,
+                  is_own=lambda folder: all(p.name.startswith((SETTINGS, "step")) for p in staging.entries(folder)))
 
 
 def best_row(rows: list[dict]) -> dict:
@@ -233,7 +223,7 @@ def sweep(spec: SweepSpec, branch: int | None = None) -> dict | None:
         return None
     rows = [do_branch(spec, step, source) for step, source in points]
     summary = {"settings": spec.settings(), "branches": rows, "best": best_row(rows)["branch_step"]}
-    ckpt.write_json_atomic(spec.out / "sweep.json", summary)
+    staging.write_json_atomic(spec.out / "sweep.json", summary)
     (spec.out / "sweep.md").write_text(sweep_markdown(summary))
     plot_sweep(spec.out / "plots" / "sweep.png", summary)
     return summary
@@ -247,15 +237,15 @@ def sweep_markdown(summary: dict) -> str:
     lines = [f"Anneal branches of `{s['run']}` over {s['anneal_steps']} steps"
              f"{' with mixture ' + json.dumps(s['mixture']) if s['mixture'] else ''}; {rows[0]['protocol']} "
              f"ranking of {rows[0]['users']} validation users ({', '.join(rows[0]['domains'])}). "
-             f"Best: the branch from step {summary['best']} (**bold**).", "",
-             "| branch step | final loss | " + " | ".join(f"loss {n}" for n in streams) + " | HR@10 | NDCG@10 |",
-             "|---|---|" + "---|" * len(streams) + "---|---|"]
+             f"Best: the branch from step {summary['best']} (**bold**).", ""]
+    cells = []
     for r in rows:
         mark = "**" if r["branch_step"] == summary["best"] else ""
-        cells = [f"{mark}{r['branch_step']}{mark}", f"{r['final_loss']:.4f}",
-                 *(f"{r['final_loss_per_stream'][n]:.4f}" if n in r["final_loss_per_stream"] else "" for n in streams),
-                 f"{mark}{r['HR@10']:.4f}{mark}", f"{mark}{r['NDCG@10']:.4f}{mark}"]
-        lines.append("| " + " | ".join(cells) + " |")
+        cells.append([f"{mark}{r['branch_step']}{mark}", f"{r['final_loss']:.4f}",
+                      *(f"{r['final_loss_per_stream'][n]:.4f}" if n in r["final_loss_per_stream"] else ""
+                        for n in streams),
+                      f"{mark}{r['HR@10']:.4f}{mark}", f"{mark}{r['NDCG@10']:.4f}{mark}"])
+    lines += markdown_table(["branch step", "final loss", *(f"loss {n}" for n in streams), "HR@10", "NDCG@10"], cells)
     return "\n".join(lines) + "\n"
 
 
@@ -294,9 +284,9 @@ def spec_from_args(args) -> SweepSpec:
     import yaml
 
     from cprec.config import from_dict, load_config
-    from cprec.eval.evaluate import EvalConfig
+    from cprec.eval.config import EvalConfig
     from cprec.train.evaluating import prepared_of
-    from cprec.train.launch import parse_mixture
+    from cprec.train.arguments import parse_mixture
 
     run = Path(args.run)
     if not (run / "config.yaml").is_file():

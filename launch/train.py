@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cprec.config import ConfigError  # noqa: E402
 from cprec.errors import CPRecError  # noqa: E402
-from cprec.train.launch import main  # noqa: E402
+from cprec.train.arguments import main  # noqa: E402
 
 if __name__ == "__main__":
     try:

@@ -3,6 +3,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
+
+from tests.helpers import TINY, run_cli, torchrun
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -118,19 +121,6 @@ def slurm_cluster(tmp_path_factory):
 
 # ---------------------------------------------------------------- in-training evaluation and anneal sweeps
 
-def run_cli(*args, env: dict | None = None, check: bool = True, timeout: int = 600):
-    """`cprec ARGS` in a fresh process (a trainer initialises a process group of its own)."""
-    import os
-    import subprocess
-    import sys
-
-    proc = subprocess.run([sys.executable, "-m", "cprec.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
-    if check and proc.returncode:
-        raise AssertionError(f"cprec {' '.join(map(str, args))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
 @pytest.fixture(scope="session")
 def synthetic_shards(prepared_small, tiny_tokenizer, tmp_path_factory) -> Path:
     """The small synthetic world packed into rows of 128 tiny-tokenizer tokens."""
@@ -176,3 +166,45 @@ def sweep_parent(synthetic_shards, tiny_base, tmp_path_factory) -> Path:
 
 
 SWEEP_ARGS = ("--anneal-steps", SWEEP_ANNEAL, "--users", 12, "--protocol", "sampled")
+
+
+# ---------------------------------------------------------------- the trainer on random shards (one per session)
+
+SCHEDULE = {"peak_lr": 0.003, "min_lr": 0.0003, "warmup_steps": 2, "stable_steps": 6, "anneal_steps": 2,
+            "anneal_shape": "cosine"}
+TOTAL = 10
+
+
+@pytest.fixture(scope="session")
+def work(tmp_path_factory):
+    """Random shards and `tiny.yaml`: a tiny Llama, 10 steps of 8 rows over three streams. Tests add runs."""
+    from cprec.data.shards import write_random_shardset
+
+    root = tmp_path_factory.mktemp("trainer")
+    write_random_shardset(root / "shards", {"a": 200, "b": 100, "mixed": 60}, seq_len=32, shard_rows=16, vocab=128)
+    config = {"shards": str(root / "shards"), "model": {"name": None, "config": TINY}, "global_batch": 8,
+              "micro_batch": 2, "schedule": SCHEDULE, "mixture": {"a": 0.5, "b": 0.3, "mixed": 0.2},
+              "checkpoint": {"every": 100, "keep_last": 100}}
+    (root / "tiny.yaml").write_text(yaml.safe_dump(config))
+    return root
+
+
+def train_tiny(work: Path, run: str, *args, **kwargs):
+    """`launch/train.py --config WORK/tiny.yaml run_dir=WORK/RUN ARGS` under torchrun (2 ranks by default)."""
+    return torchrun("--config", work / "tiny.yaml", f"run_dir={work / run}", *args, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """Random shards, a tiny Llama config (4 steps of 4 rows) and one finished run of it (`done`)."""
+    from cprec.data.shards import write_random_shardset
+
+    root = tmp_path_factory.mktemp("train_faults")
+    write_random_shardset(root / "shards", {"a": 64, "mixed": 32}, seq_len=32, shard_rows=16, vocab=128)
+    config = {"shards": str(root / "shards"), "model": {"name": None, "config": TINY}, "global_batch": 4,
+              "micro_batch": 2, "schedule": {"peak_lr": 0.003, "min_lr": 0.0003, "warmup_steps": 1,
+                                             "stable_steps": 2, "anneal_steps": 1},
+              "checkpoint": {"every": 1, "keep_last": 10}, "plots": False}
+    (root / "tiny.yaml").write_text(yaml.safe_dump(config))
+    run_cli("train", "--config", root / "tiny.yaml", f"run_dir={root / 'done'}")
+    return root

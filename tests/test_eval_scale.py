@@ -15,7 +15,8 @@ from cprec.attention import register_sdpa_gqa
 from cprec.data.template import render_example
 from cprec.errors import CPRecError
 from cprec.eval import batched
-from cprec.eval.batched import BatchScorer, BestFirst, PrefixTree, pass_bounds
+from cprec.eval.batched import BatchScorer, pass_bounds
+from cprec.eval.search import BestFirst, PrefixTree
 from cprec.eval.metrics import rank_against_ties
 
 REPO = Path(__file__).resolve().parents[1]
@@ -251,6 +252,7 @@ def test_every_run_writes_ranks_jsonl(straight, prepared_small):
     assert not list(straight.glob("ranks.partial-*"))
 
 
+@pytest.mark.slow
 def test_killed_evaluation_resumes_to_the_same_files(straight, model_dir, prepared_small, tmp_path):
     from cprec.cli import main
 
@@ -285,8 +287,9 @@ def test_resume_with_other_settings_is_refused(straight, model_dir, prepared_sma
     assert main(base + ["--users", "2", "batch_users=1"]) == 0  # speed settings may change
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_write_what_one_process_writes(straight, model_dir, prepared_small, tmp_path):
-    from tests.test_trainer import free_port
+    from tests.helpers import free_port
 
     out = tmp_path / "eval"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
@@ -301,7 +304,7 @@ def test_two_gloo_ranks_write_what_one_process_writes(straight, model_dir, prepa
 
 
 def test_device_and_dtype_resolution():
-    from cprec.eval.evaluate import resolve_device
+    from cprec.eval.config import resolve_device
 
     assert resolve_device("auto", "auto") == (torch.device("cpu"), torch.float32) or torch.cuda.is_available()
     assert resolve_device("cpu", "bfloat16") == (torch.device("cpu"), torch.bfloat16)

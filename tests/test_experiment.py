@@ -75,6 +75,7 @@ def without_times(results: dict) -> dict:
     return {k: v for k, v in results.items() if k != "stage_seconds"}
 
 
+@pytest.mark.slow
 def test_statistics_match_values_computed_by_hand(straight):
     from cprec.eval.stats import paired_bootstrap
 
@@ -123,6 +124,7 @@ def test_statistics_match_values_computed_by_hand(straight):
     assert (straight / "plots" / "metrics.png").stat().st_size > 0 and (straight / "plots" / "cpt_loss.png").is_file()
 
 
+@pytest.mark.slow
 def test_a_killed_experiment_redoes_nothing_finished_and_ends_the_same(config, straight, tmp_path):
     out = tmp_path / "exp"
     # the 9th marker is the first fine-tuning run's (s0 of SFT only): its model is exported, its marker not written
@@ -146,6 +148,7 @@ def test_a_killed_experiment_redoes_nothing_finished_and_ends_the_same(config, s
         without_times(json.loads((straight / "results.json").read_text()))
 
 
+@pytest.mark.slow
 def test_a_resume_that_would_mix_splits_or_settings_is_refused(config, straight, tmp_path):
     proc = cprec("experiment", "--config", config, "--out", straight, "data.split=chronological", "seeds=[0,1,2]",
                  "eval.batch_users=4", check=False)
@@ -160,6 +163,7 @@ def test_a_resume_that_would_mix_splits_or_settings_is_refused(config, straight,
     assert proc.returncode == 2 and "has no sizes.smoke" in proc.stderr
 
 
+@pytest.mark.slow
 def test_an_experiment_of_some_models_runs_and_reports_only_those(config, tmp_path):
     out = tmp_path / "exp"
     cprec("experiment", "--config", config, "--out", out, "models=[base,cpt,sasrec]", "seeds=[0]",
@@ -180,7 +184,7 @@ def test_an_experiment_of_some_models_runs_and_reports_only_those(config, tmp_pa
 def test_the_shipped_experiment_config_and_its_sizes_load():
     from cprec.config import load_config
     from cprec.experiment import load_experiment_config
-    from cprec.train.loop import TrainConfig
+    from cprec.train.config import TrainConfig
 
     path = REPO / "launch" / "configs" / "experiment_ml1m.yaml"
     for size in (None, "smoke", "cpu"):
@@ -191,6 +195,7 @@ def test_the_shipped_experiment_config_and_its_sizes_load():
         load_config(TrainConfig, REPO / cfg.sft.config, ["shards=unused", *cfg.sft.overrides])
 
 
+@pytest.mark.slow
 def test_recipe_overrides_are_checked_first_and_a_correction_is_taken_before_its_stage(config, tmp_path):
     out = tmp_path / "exp"
     proc = cprec("experiment", "--config", config, "--out", out, "cpt.overrides=[schedule.peak_lrr=0.1]",

@@ -229,7 +229,7 @@ def test_prepare_into_an_existing_file_fails_before_any_work(tmp_path, overwrite
     out = tmp_path / "notes.txt"
     out.write_text("keep me")
     cfg = from_dict(PrepareConfig, {"source": "synthetic", "synthetic": {"users": 50}, "k_core": 2})
-    with pytest.raises(CPRecError, match=r"notes\.txt exists and is not a directory; choose another --out"):
+    with pytest.raises(CPRecError, match=r"notes\.txt: exists and is not a folder; choose a new one"):
         prepare(cfg, out, overwrite=overwrite)
     assert out.read_text() == "keep me" and not (tmp_path / "notes.txt.partial").exists()
 
@@ -306,12 +306,12 @@ def test_pack_refuses_an_out_that_holds_other_things(prepared_small, tiny_tokeni
         (project / rel).parent.mkdir(parents=True, exist_ok=True)
         (project / rel).write_text(rel)
     before = _b_files(project)
-    with pytest.raises(CPRecError, match=r"project: not empty and not a pack output \(it holds 'notes/' and 2 more"):
+    with pytest.raises(CPRecError, match=r"project: a non-empty folder that no pack made \(it holds 'notes/' and 2 more"):
         _b_pack(prepared_small, tiny_tokenizer, project)
     assert _b_files(project) == before
     rc, _, err = _b_cli(["pack", "--input", prepared_small, "--tokenizer", tiny_tokenizer, "--out", project,
                          "--seq-len", 128], capsys)
-    assert rc == 2 and err.count("\n") == 1 and "not a pack output" in err and "Traceback" not in err
+    assert rc == 2 and err.count("\n") == 1 and "no pack made" in err and "Traceback" not in err
     assert _b_files(project) == before
 
 
@@ -494,6 +494,7 @@ def _b_alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux's")
 def test_pack_workers_die_with_a_killed_pack(prepared_small, tiny_tokenizer, tmp_path):
     """Fault: after kill -9 of `cprec pack --workers 2` its workers stayed alive for minutes."""
@@ -541,66 +542,18 @@ import signal as _signal
 import subprocess as _subprocess
 import sys as _sys
 import time as _time
-from pathlib import Path as _Path
 
 import pytest
-import yaml as _yaml
 
 from cprec import checkpoint as _ckpt
-
-_REPO = _Path(__file__).resolve().parents[1]
-_TINY = {"model_type": "llama", "vocab_size": 128, "hidden_size": 32, "intermediate_size": 64,
-         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """Random shards, a tiny Llama config (4 steps of 4 rows) and one finished run of it."""
-    from cprec.data.shards import write_random_shardset
-
-    root = tmp_path_factory.mktemp("train_faults")
-    write_random_shardset(root / "shards", {"a": 64, "mixed": 32}, seq_len=32, shard_rows=16, vocab=128)
-    config = {"shards": str(root / "shards"), "model": {"name": None, "config": _TINY}, "global_batch": 4,
-              "micro_batch": 2, "schedule": {"peak_lr": 0.003, "min_lr": 0.0003, "warmup_steps": 1,
-                                             "stable_steps": 2, "anneal_steps": 1},
-              "checkpoint": {"every": 1, "keep_last": 10}, "plots": False}
-    (root / "tiny.yaml").write_text(_yaml.safe_dump(config))
-    _cli("train", "--config", root / "tiny.yaml", f"run_dir={root / 'done'}")
-    return root
-
-
-def _cli(*args, check=True, **kwargs):
-    """`cprec ARGS` in a fresh process (a trainer initialises a process group of its own)."""
-    proc = _subprocess.run([_sys.executable, "-m", "cprec.cli", *map(str, args)], capture_output=True, text=True,
-                           timeout=600, **kwargs)
-    if check and proc.returncode:
-        raise AssertionError(f"cprec {' '.join(map(str, args))}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
-def _refused(proc, *needles):
-    """Exit 2 with one clear message (no traceback) that says each of `needles`."""
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
-    for needle in needles:
-        assert needle in proc.stderr, proc.stderr[-4000:]
-
+from tests.helpers import REPO, file_tree, metrics, refused, run_cli
 
 def _copy_run(tiny, name):
     _shutil.copytree(tiny / "done", tiny / name)
     return tiny / name
 
 
-def _tree(path):
-    """Every file's bytes, less the folder lock (`staging.LOCK_FILE`: it names the last command that held it)."""
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
-            if p.is_file() and p.name != ".cprec.lock"}
-
-
-def _metrics(run):
-    return [_json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
+@pytest.mark.slow
 def test_a_refused_command_destroys_its_process_group_before_exiting(tiny):
     """A refusal raised after the process group opened still destroys the group before the interpreter's
     teardown: left open, gloo's threads aborted that teardown once in CI (exit -6, not 2)."""
@@ -614,46 +567,50 @@ def test_a_refused_command_destroys_its_process_group_before_exiting(tiny):
     assert proc.returncode == 2, proc.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_export_never_removes_a_folder_that_is_not_an_earlier_export(tiny):
     run = _copy_run(tiny, "export_target")
-    before = _tree(run)
+    before = file_tree(run)
     last = run / "checkpoints" / _ckpt.tag_for(4)
-    _refused(_cli("export", last, "--out", run, check=False), "not an earlier export")
-    assert _tree(run) == before  # every checkpoint and the metrics are still there
-    _cli("export", last, "--out", tiny / "hf_once")
-    _refused(_cli("export", last, "--out", tiny / "hf_once", check=False), "--overwrite")
-    _cli("export", run / "checkpoints" / _ckpt.tag_for(2), "--out", tiny / "hf_once", "--overwrite")
+    refused(run_cli("export", last, "--out", run, check=False), "no export made")
+    assert file_tree(run) == before  # every checkpoint and the metrics are still there
+    run_cli("export", last, "--out", tiny / "hf_once")
+    refused(run_cli("export", last, "--out", tiny / "hf_once", check=False), "--overwrite")
+    run_cli("export", run / "checkpoints" / _ckpt.tag_for(2), "--out", tiny / "hf_once", "--overwrite")
     assert _json.loads((tiny / "hf_once" / "cprec_export.json").read_text())["step"] == 2
     mine = tiny / "hf_once.partial"  # a folder of the user's, named like export's staging folder
     mine.mkdir()
     (mine / "notes.txt").write_text("mine")
-    _refused(_cli("export", last, "--out", tiny / "hf_once", "--overwrite", check=False),
+    refused(run_cli("export", last, "--out", tiny / "hf_once", "--overwrite", check=False),
              "hf_once.partial exists and is not a folder CPRec set aside")
     assert (mine / "notes.txt").read_text() == "mine"
     assert _json.loads((tiny / "hf_once" / "cprec_export.json").read_text())["step"] == 2
 
 
+@pytest.mark.slow
 def test_a_refused_resume_writes_nothing_and_names_the_changed_keys(tiny):
     run = _copy_run(tiny, "refused")
-    before = _tree(run)
-    _refused(_cli("train", "--config", tiny / "tiny.yaml", f"run_dir={run}", "--resume", "schedule.peak_lr=0.1",
+    before = file_tree(run)
+    refused(run_cli("train", "--config", tiny / "tiny.yaml", f"run_dir={run}", "--resume", "schedule.peak_lr=0.1",
                   check=False), "schedule.peak_lr: 0.003 -> 0.1")
-    _refused(_cli("train", "--config", tiny / "tiny.yaml", f"run_dir={run}", "--resume",
+    refused(run_cli("train", "--config", tiny / "tiny.yaml", f"run_dir={run}", "--resume",
                   "model.config.hidden_size=64", check=False), "hidden_size")
-    assert _tree(run) == before  # config.yaml, model/config.json and lineage.json untouched
-    _cli("train", "--resume", f"run_dir={run}")  # a plain resume is still accepted (the run is finished)
-    _cli("export", run / "checkpoints" / _ckpt.tag_for(4), "--out", tiny / "hf_refused")  # and still exports
+    assert file_tree(run) == before  # config.yaml, model/config.json and lineage.json untouched
+    run_cli("train", "--resume", f"run_dir={run}")  # a plain resume is still accepted (the run is finished)
+    run_cli("export", run / "checkpoints" / _ckpt.tag_for(4), "--out", tiny / "hf_refused")  # and still exports
 
 
+@pytest.mark.slow
 def test_resume_does_not_inherit_max_steps_from_the_saved_config(tiny):
     run = tiny / "max_steps"
-    _cli("train", "--config", tiny / "tiny.yaml", f"run_dir={run}", "max_steps=1")
+    run_cli("train", "--config", tiny / "tiny.yaml", f"run_dir={run}", "max_steps=1")
     assert _ckpt.latest_complete(run / "checkpoints") == _ckpt.tag_for(1)
-    _cli("train", "--resume", f"run_dir={run}")  # no --config: the saved one, without its max_steps
-    assert [r["step"] for r in _metrics(run)] == [1, 2, 3, 4]
-    assert [r["loss"] for r in _metrics(run)] == [r["loss"] for r in _metrics(tiny / "done")]
+    run_cli("train", "--resume", f"run_dir={run}")  # no --config: the saved one, without its max_steps
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4]
+    assert [r["loss"] for r in metrics(run)] == [r["loss"] for r in metrics(tiny / "done")]
 
 
+@pytest.mark.slow
 def test_a_truncated_checkpoint_file_is_named_and_resume_falls_back(tiny):
     run = _copy_run(tiny, "truncated")
     damaged = run / "checkpoints" / _ckpt.tag_for(4)
@@ -664,28 +621,29 @@ def test_a_truncated_checkpoint_file_is_named_and_resume_falls_back(tiny):
 
     with pytest.raises(CPRecError, match=f"{victim.name} has 100 bytes"):
         export(damaged, tiny / "hf_truncated")
-    proc = _cli("train", "--resume", f"run_dir={run}")
+    proc = run_cli("train", "--resume", f"run_dir={run}")
     assert f"checkpoint {_ckpt.tag_for(4)} is damaged" in proc.stdout and victim.name in proc.stdout
     assert "resumed" in proc.stdout and f"at step 3 from {_ckpt.tag_for(3)}" in proc.stdout
-    assert [r["loss"] for r in _metrics(run)] == [r["loss"] for r in _metrics(tiny / "done")]
+    assert [r["loss"] for r in metrics(run)] == [r["loss"] for r in metrics(tiny / "done")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_sigterm_to_the_whole_process_group_with_loader_workers_still_saves(tiny, ranks):
     run = tiny / f"pgroup{ranks}"
     if ranks == 1:
         cmd = [_sys.executable, "-m", "cprec.cli", "train"]
     else:
-        from tests.test_trainer import free_port
+        from tests.helpers import free_port
 
         cmd = [_sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), str(_REPO / "launch" / "train.py")]
+               str(free_port()), str(REPO / "launch" / "train.py")]
     cmd += ["--config", str(tiny / "tiny.yaml"), f"run_dir={run}", "loader_workers=2",
             "schedule.stable_steps=100000", "checkpoint.every=100000"]
     proc = _subprocess.Popen(cmd, stdout=_subprocess.PIPE, stderr=_subprocess.STDOUT, text=True,
                              start_new_session=True)
     deadline = _time.time() + 300
-    while _time.time() < deadline and not ((run / "metrics.jsonl").is_file() and len(_metrics(run)) >= 3):
+    while _time.time() < deadline and not ((run / "metrics.jsonl").is_file() and len(metrics(run)) >= 3):
         _time.sleep(0.2)
     _os.killpg(proc.pid, _signal.SIGTERM)  # what scancel or a pre-emption delivers: every process of the job
     out, _ = proc.communicate(timeout=300)
@@ -693,14 +651,15 @@ def test_sigterm_to_the_whole_process_group_with_loader_workers_still_saves(tiny
         assert proc.returncode == 0, out[-4000:]
     assert "SIGTERM: saved" in out, out[-4000:]
     tag = _ckpt.latest_complete(run / "checkpoints")
-    assert tag is not None and _ckpt.read_state(run / "checkpoints" / tag)["step"] == _metrics(run)[-1]["step"]
+    assert tag is not None and _ckpt.read_state(run / "checkpoints" / tag)["step"] == metrics(run)[-1]["step"]
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_saving_names_the_checkpoint_and_keeps_the_previous_one(tiny):
     import resource
 
     run = _copy_run(tiny, "full_disk")
-    _cli("train", "--config", tiny / "tiny.yaml", f"run_dir={tiny / 'nothing'}", "max_steps=0")  # size of a save
+    run_cli("train", "--config", tiny / "tiny.yaml", f"run_dir={tiny / 'nothing'}", "max_steps=0")  # size of a save
     limit = 64 * 1024  # bytes per file: the run's small files fit, a checkpoint's states do not
 
     def small_disk():
@@ -708,15 +667,16 @@ def test_a_full_disk_while_saving_names_the_checkpoint_and_keeps_the_previous_on
 
     _shutil.rmtree(run / "checkpoints" / _ckpt.tag_for(4))
     (run / "checkpoints" / _ckpt.LATEST).write_text(_ckpt.tag_for(3) + "\n")
-    proc = _cli("train", "--resume", f"run_dir={run}", check=False, preexec_fn=small_disk)
-    _refused(proc, f"could not write checkpoint {run / 'checkpoints' / _ckpt.tag_for(4)}",
+    proc = run_cli("train", "--resume", f"run_dir={run}", check=False, preexec_fn=small_disk)
+    refused(proc, f"could not write checkpoint {run / 'checkpoints' / _ckpt.tag_for(4)}",
              f"previous complete checkpoint ({_ckpt.tag_for(3)}) is intact")
     assert _ckpt.latest_complete(run / "checkpoints") == _ckpt.tag_for(3)
-    resumed = _cli("train", "--resume", f"run_dir={run}")  # room again: the partial save is removed, then redone
+    resumed = run_cli("train", "--resume", f"run_dir={run}")  # room again: the partial save is removed, then redone
     assert "removed incomplete checkpoint(s) step00000004" in resumed.stdout
-    assert [r["loss"] for r in _metrics(run)] == [r["loss"] for r in _metrics(tiny / "done")]
+    assert [r["loss"] for r in metrics(run)] == [r["loss"] for r in metrics(tiny / "done")]
 
 
+@pytest.mark.slow
 def test_a_read_only_run_directory_is_named(tiny):
     run = tiny / "read_only"
     run.mkdir()
@@ -725,29 +685,31 @@ def test_a_read_only_run_directory_is_named(tiny):
     elif _subprocess.run(["chattr", "+i", str(run)], capture_output=True).returncode:  # root ignores modes
         pytest.skip("as root, a read-only folder needs chattr +i, which this filesystem refuses")
     try:
-        proc = _cli("train", "--config", tiny / "tiny.yaml", f"run_dir={run}", check=False)
+        proc = run_cli("train", "--config", tiny / "tiny.yaml", f"run_dir={run}", check=False)
     finally:
         if _os.geteuid() == 0:
             _subprocess.run(["chattr", "-i", str(run)], check=True)
         run.chmod(0o755)
-    _refused(proc, f"cannot write the run directory {run}")
+    refused(proc, f"cannot write the run directory {run}")
 
 
+@pytest.mark.slow
 def test_bad_training_inputs_get_clear_errors(tiny):
     from cprec.data.shards import write_random_shardset
 
     write_random_shardset(tiny / "wide_shards", {"a": 16}, seq_len=32, shard_rows=16, vocab=1000)
-    _refused(_cli("train", "--config", tiny / "tiny.yaml", f"run_dir={tiny / 'vocab'}",
+    refused(run_cli("train", "--config", tiny / "tiny.yaml", f"run_dir={tiny / 'vocab'}",
                   f"shards={tiny / 'wide_shards'}", check=False), "1,000 tokens", "(128)")
-    _refused(_cli("train", "--config", tiny / "tiny.yaml", f"run_dir={tiny / 'mt'}", "model.config.model_type=llamma",
+    refused(run_cli("train", "--config", tiny / "tiny.yaml", f"run_dir={tiny / 'mt'}", "model.config.model_type=llamma",
                   check=False), "model.config", "llamma")
-    _refused(_cli("train", "--config", tiny / "tiny.yaml", f"run_dir={tiny / 'zero'}", "schedule.warmup_steps=0",
+    refused(run_cli("train", "--config", tiny / "tiny.yaml", f"run_dir={tiny / 'zero'}", "schedule.warmup_steps=0",
                   "schedule.stable_steps=0", "schedule.anneal_steps=0", check=False), "the schedule has no steps")
     parent = _ckpt.tag_for(2)
-    _refused(_cli("train", "--anneal-from", tiny / "done" / "checkpoints" / parent, "--anneal-steps", "2",
+    refused(run_cli("train", "--anneal-from", tiny / "done" / "checkpoints" / parent, "--anneal-steps", "2",
                   "--mixture", "books=abc", f"run_dir={tiny / 'mix'}", check=False), "--mixture books=abc")
 
 
+@pytest.mark.slow
 def test_a_second_trainer_without_a_launcher_does_not_collide_on_a_port(tiny):
     import socket
 
@@ -758,16 +720,17 @@ def test_a_second_trainer_without_a_launcher_does_not_collide_on_a_port(tiny):
         except OSError:
             pytest.skip("port 29511 is taken on this machine")
         busy.listen()
-        env = {k: v for k, v in _os.environ.items() if k != "MASTER_PORT"}
-        _cli("train", "--config", tiny / "tiny.yaml", f"run_dir={tiny / 'port'}", "max_steps=1", env=env)
+        run_cli("train", "--config", tiny / "tiny.yaml", f"run_dir={tiny / 'port'}", "max_steps=1",
+             env={"MASTER_PORT": ""})  # unset: the trainer picks a free port
 
 
+@pytest.mark.slow
 def test_evaluation_refuses_what_it_cannot_evaluate(tiny, prepared_small, tmp_path):
-    _cli("export", tiny / "done" / "checkpoints" / _ckpt.tag_for(4), "--out", tmp_path / "hf")  # a random model:
-    _refused(_cli("evaluate", "--model", tmp_path / "hf", "--data", prepared_small, "--out", tmp_path / "e",
+    run_cli("export", tiny / "done" / "checkpoints" / _ckpt.tag_for(4), "--out", tmp_path / "hf")  # a random model:
+    refused(run_cli("evaluate", "--model", tmp_path / "hf", "--data", prepared_small, "--out", tmp_path / "e",
                   check=False), "has no tokenizer")                                           # no tokenizer
     for users in ("0", "-3"):
-        _refused(_cli("evaluate", "--model", tmp_path / "hf", "--data", prepared_small, "--out", tmp_path / "e",
+        refused(run_cli("evaluate", "--model", tmp_path / "hf", "--data", prepared_small, "--out", tmp_path / "e",
                       "--users", users, check=False), "users must be at least 1", f"got {users}")
     from cprec.config import from_dict
     from cprec.data.prepare import PrepareConfig, prepare
@@ -776,7 +739,7 @@ def test_evaluation_refuses_what_it_cannot_evaluate(tiny, prepared_small, tmp_pa
     flat = tmp_path / "no_downstream"  # every domain pre-trained on: nothing held out
     prepare(from_dict(PrepareConfig, {"source": "synthetic", "synthetic": SMALL_WORLD, "k_core": 2,
                                       "downstream_domains": []}), flat)
-    _refused(_cli("evaluate", "--model", tmp_path / "hf", "--data", flat, "--out", tmp_path / "e", check=False),
+    refused(run_cli("evaluate", "--model", tmp_path / "hf", "--data", flat, "--out", tmp_path / "e", check=False),
              "no downstream domain to evaluate on")
     assert not (tmp_path / "e" / "results.json").exists()
 
@@ -787,7 +750,7 @@ def _readme_command_lines():
     import re
     import shlex
 
-    text = "\n".join(p.read_text(encoding="utf-8") for p in [_REPO / "README.md", *sorted((_REPO / "docs").rglob("*.md"))])
+    text = "\n".join(p.read_text(encoding="utf-8") for p in [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))])
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():
             for part in line.split("&&"):
@@ -804,22 +767,22 @@ def test_every_command_line_in_the_readme_parses_and_loads_its_config(monkeypatc
     """README and CLI cannot drift apart: each command shown is parsed by the real parsers and its config
     loaded by the real loader (what needs an existing run or data is parsed only)."""
     from cprec import cli, finetune, quickstart
-    from cprec.train import launch
+    from cprec.train import arguments
 
-    monkeypatch.chdir(_REPO)  # the README's paths are relative to the repository
+    monkeypatch.chdir(REPO)  # the README's paths are relative to the repository
     seen = set()
     for program, argv in _readme_command_lines():
         if program == "launch/train.py":
-            args = launch.parse_args(argv)
+            args = arguments.parse_args(argv)
         else:
             args = cli.parse_args(argv)
             seen.add(args.command)
             if args.command == "train":
-                args = launch.split_mixture_overrides(args)
+                args = arguments.split_mixture_overrides(args)
         command = getattr(args, "command", "train")
         try:
             if command == "train" and (args.config or not (args.resume or args.anneal_from)):
-                launch.train_config(args)
+                arguments.train_config(args)
             elif command == "prepare":
                 cli.prepare_config(args)
             elif command == "pack":
@@ -852,7 +815,7 @@ def test_prepare_overwrite_replaces_only_an_earlier_prepare_output(tmp_path):
     project = tmp_path / "project"
     (project / "run").mkdir(parents=True)
     (project / "notes.txt").write_text("mine")
-    with pytest.raises(CPRecError, match="not an earlier prepare output"):
+    with pytest.raises(CPRecError, match="a non-empty folder that no prepare made"):
         prepare(cfg, project, overwrite=True)
     assert (project / "notes.txt").read_text() == "mine" and (project / "run").is_dir()
     prepare(cfg, tmp_path / "prepared")
@@ -917,19 +880,20 @@ def test_staging_commit_never_replaces_a_folder_filled_while_the_stage_ran(tmp_p
 # ================================================================ anneal sweeps
 # (section E)
 
+@pytest.mark.slow
 def test_a_sweep_killed_half_way_redoes_nothing_finished(sweep_parent, tmp_path):
     """Fault: a sweep job killed while a branch was half-trained. The branch trainer is killed (SIGKILL) in
     the middle of saving the second branch's checkpoint 10 (tests/helpers/kill_in_save.py as the launcher).
     The re-run must not touch the finished first branch, must resume the second from its last complete
     checkpoint (9) rather than start it again (step 9's record is kept as it was), and must give what an
     uninterrupted sweep gives."""
-    from tests.conftest import SWEEP_ARGS, run_cli
+    from tests.conftest import SWEEP_ARGS
 
     out = tmp_path / "sweep"
-    launcher = f"{_sys.executable} {_REPO / 'tests' / 'helpers' / 'kill_in_save.py'}"
+    launcher = f"{_sys.executable} {REPO / 'tests' / 'helpers' / 'kill_in_save.py'}"
     killed = run_cli("sweep", sweep_parent, *SWEEP_ARGS, "--out", out, "--launcher", launcher,
                      env={"KILL_IN_SAVE": _ckpt.tag_for(10)}, check=False)
-    _refused(killed, "training the branch from step 8 stopped", "run the same sweep again to resume it")
+    refused(killed, "training the branch from step 8 stopped", "run the same sweep again to resume it")
     first, second = out / _ckpt.tag_for(4), out / _ckpt.tag_for(8)
     assert (first / "branch.json").is_file() and not (second / "branch.json").exists()
     assert _ckpt.latest_complete(second / "run" / "checkpoints") == _ckpt.tag_for(9)
@@ -941,7 +905,7 @@ def test_a_sweep_killed_half_way_redoes_nothing_finished(sweep_parent, tmp_path)
     assert {p: p.stat().st_mtime_ns for p in finished} == finished  # the finished branch: not a file touched
     assert f"at step 9 from {_ckpt.tag_for(9)}" in resumed.stdout  # resumed, not branched again
     assert (second / "run" / "metrics.jsonl").read_text().splitlines()[0] == step9
-    assert [r["step"] for r in _metrics(second / "run")] == [9, 10, 11]
+    assert [r["step"] for r in metrics(second / "run")] == [9, 10, 11]
     straight = tmp_path / "straight"
     run_cli("sweep", sweep_parent, *SWEEP_ARGS, "--out", straight)
     rows = _json.loads((out / "sweep.json").read_text())["branches"]

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from cprec import checkpoint as ckpt
-from tests.test_faults import _cli, _refused, _tree, tiny  # noqa: F401  (tiny: the module's finished run)
-from tests.test_trainer import work  # noqa: F401  (the trainer tests' shards and config)
+from tests.conftest import train_tiny
+from tests.helpers import TINY, file_tree, metrics, refused, run_cli
 
 
 class RunsCode:
@@ -40,24 +40,26 @@ def plant(checkpoint, witness):
     return victim
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_would_run_code_is_refused_by_export_resume_and_anneal(tiny, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny / "done", run)
     witness = tmp_path / "code-ran"
     last, stable = run / "checkpoints" / ckpt.tag_for(4), run / "checkpoints" / ckpt.tag_for(2)
     victims = {last: plant(last, witness), stable: plant(stable, witness)}
-    before = _tree(run)
+    before = file_tree(run)
     for args, checkpoint in ((["export", last, "--out", tmp_path / "hf"], last),
                              (["train", "--resume", f"run_dir={run}"], last),
                              (["train", "--anneal-from", stable, "--anneal-steps", "1",
                                f"run_dir={tmp_path / 'branch'}"], stable)):
-        _refused(_cli(*args, check=False), f"refusing to load {checkpoint}", victims[checkpoint].name,
+        refused(run_cli(*args, check=False), f"refusing to load {checkpoint}", victims[checkpoint].name,
                  "posix.system", "could run code")
         assert not witness.exists(), args  # the payload never ran
     assert not (tmp_path / "hf").exists()
-    assert _tree(run) == before
+    assert file_tree(run) == before
 
 
+@pytest.mark.slow
 def test_an_untouched_checkpoint_passes_the_restricted_unpickler(tiny):
     """The allow-list holds what DeepSpeed's own files need (the ZeRO-3 files here; ZeRO-2 resumes in
     test_train_eval): nothing of a checkpoint CPRec wrote is refused."""
@@ -67,6 +69,33 @@ def test_an_untouched_checkpoint_passes_the_restricted_unpickler(tiny):
     assert ckpt.unsafe_pickles(checkpoint, names) == []
 
 
+class ByGetattr:
+    """Pickles as `getattr(owner, name)`: how Debian's Python 3.11.2 pickles an Enum member (found by the container
+    test: a resume in the image was refused), and how a hostile file would reach a function's globals."""
+
+    def __init__(self, owner, name):
+        self.owner, self.name = owner, name
+
+    def __reduce__(self):
+        return getattr, (self.owner, self.name)
+
+
+def test_an_enum_member_pickled_by_getattr_passes_and_any_other_getattr_is_refused(tmp_path):
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    member = tmp_path / "member.pt"
+    torch.save({"zero_stage": ByGetattr(ZeroStageEnum, "weights")}, member)
+    assert b"getattr" in member.read_bytes()
+    assert ckpt.unsafe_pickle(member) is None
+    for owner, name in ((ZeroStageEnum, "__init__"), (LossScaler, "__init__"), (ZeroStageEnum, "_member_map_")):
+        hostile = tmp_path / f"{name}.pt"
+        torch.save({"x": ByGetattr(owner, name)}, hostile)
+        problem = ckpt.unsafe_pickle(hostile)
+        assert problem is not None and "builtins.getattr" in problem and name in problem, problem
+
+
+@pytest.mark.slow
 def test_a_model_folder_whose_pickled_weights_would_run_code_is_refused_by_name(tiny_base, prepared_small,
                                                                                tmp_path):
     model = tmp_path / "model"
@@ -75,7 +104,7 @@ def test_a_model_folder_whose_pickled_weights_would_run_code_is_refused_by_name(
     (model / "model.safetensors").unlink()
     witness = tmp_path / "code-ran"
     torch.save({**weights, "extra": RunsCode(witness)}, model / "pytorch_model.bin")
-    _refused(_cli("evaluate", "--model", model, "--data", prepared_small, "--out", tmp_path / "e", "--users", "1",
+    refused(run_cli("evaluate", "--model", model, "--data", prepared_small, "--out", tmp_path / "e", "--users", "1",
                   check=False), str(model / "pytorch_model.bin"), "refused", "could run code")
     assert not witness.exists() and not (tmp_path / "e" / "results.json").exists()
 
@@ -86,6 +115,7 @@ def _safetensors(path):
     return load_file(path)
 
 
+@pytest.mark.slow
 def test_a_manifest_or_index_whose_names_leave_the_folder_is_refused(prepared_small, tiny_tokenizer, tmp_path):
     from cprec.data.shards import index_checksum, write_random_shardset
 
@@ -97,9 +127,9 @@ def test_a_manifest_or_index_whose_names_leave_the_folder_is_refused(prepared_sm
         manifest = json.loads((prepared / "manifest.json").read_text())
         edit(manifest)
         (prepared / "manifest.json").write_text(json.dumps(manifest))
-        _refused(_cli("pack", "--input", prepared, "--tokenizer", tiny_tokenizer, "--out", tmp_path / "out" / "s",
+        refused(run_cli("pack", "--input", prepared, "--tokenizer", tiny_tokenizer, "--out", tmp_path / "out" / "s",
                       "--seq-len", "128", check=False), "manifest.json", where, "escaped", "not a stream name")
-        _refused(_cli("evaluate", "--model", "unused", "--data", prepared, "--out", tmp_path / "out" / "e",
+        refused(run_cli("evaluate", "--model", "unused", "--data", prepared, "--out", tmp_path / "out" / "e",
                       check=False), "manifest.json", where, "escaped")
         assert not (tmp_path / "escaped").exists() and not (tmp_path / "out").exists()
     shards = tmp_path / "shards"
@@ -108,67 +138,72 @@ def test_a_manifest_or_index_whose_names_leave_the_folder_is_refused(prepared_sm
     index["streams"]["../a"] = index["streams"].pop("a")
     index["index_checksum"] = index_checksum(index)  # anyone can recompute it
     (shards / "index.json").write_text(json.dumps(index))
-    _refused(_cli("inspect", shards, check=False), "index.json", "'../a' is not a stream name")
+    refused(run_cli("inspect", shards, check=False), "index.json", "'../a' is not a stream name")
 
 
+@pytest.mark.slow
 def test_export_refuses_a_symbolic_link_in_the_runs_model_folder(tiny, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny / "done", run)
     secret = tmp_path / "secret.txt"
     secret.write_text("private")
     (run / "model" / "notes.txt").symlink_to(secret)
-    _refused(_cli("export", run / "checkpoints" / ckpt.tag_for(4), "--out", tmp_path / "hf", check=False),
+    refused(run_cli("export", run / "checkpoints" / ckpt.tag_for(4), "--out", tmp_path / "hf", check=False),
              str(run / "model" / "notes.txt"), "symbolic link")
     assert not (tmp_path / "hf").exists()
 
 
+@pytest.mark.slow
 def test_a_linked_checkpoint_is_refused_at_resume_and_never_pruned_through(tiny, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny / "done", run)
     elsewhere = tmp_path / "elsewhere"
     (run / "checkpoints" / ckpt.tag_for(2)).rename(elsewhere)
     (run / "checkpoints" / ckpt.tag_for(2)).symlink_to(elsewhere)
-    kept = _tree(elsewhere)
-    _refused(_cli("train", "--resume", f"run_dir={run}", check=False),
+    kept = file_tree(elsewhere)
+    refused(run_cli("train", "--resume", f"run_dir={run}", check=False),
              str(run / "checkpoints" / ckpt.tag_for(2)), "symbolic link")
     assert ckpt.prune(run / "checkpoints", keep_last=1, is_branch_point=lambda step: False) == \
         [ckpt.tag_for(1), ckpt.tag_for(3)]  # the linked step 2 is left, and so is what it points to
-    assert (run / "checkpoints" / ckpt.tag_for(2)).is_symlink() and _tree(elsewhere) == kept
+    assert (run / "checkpoints" / ckpt.tag_for(2)).is_symlink() and file_tree(elsewhere) == kept
 
 
+@pytest.mark.slow
 def test_a_repack_refuses_a_linked_stream_folder_and_leaves_the_other_pack(prepared_small, tiny_tokenizer,
                                                                            tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     for out in (first, second):
-        _cli("pack", "--input", prepared_small, "--tokenizer", tiny_tokenizer, "--out", out, "--seq-len", "128")
+        run_cli("pack", "--input", prepared_small, "--tokenizer", tiny_tokenizer, "--out", out, "--seq-len", "128")
     stream = next(p for p in second.iterdir() if p.is_dir())
-    theirs = _tree(first)
+    theirs = file_tree(first)
     shutil.rmtree(stream)
     stream.symlink_to(first / stream.name)
-    _refused(_cli("pack", "--input", prepared_small, "--tokenizer", tiny_tokenizer, "--out", second,
+    refused(run_cli("pack", "--input", prepared_small, "--tokenizer", tiny_tokenizer, "--out", second,
                   "--seq-len", "256", check=False), str(stream), "symbolic link")
-    assert _tree(first) == theirs
+    assert file_tree(first) == theirs
 
 
+@pytest.mark.slow
 def test_train_sft_and_evaluate_refuse_a_users_folder(tiny, tiny_base, synthetic_shards, prepared_small, tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "config.yaml").write_text("my: own config\n")
     (mine / "metrics.jsonl").write_text('{"mine": 1}\n')
     (mine / "results.md").write_text("my results\n")
-    before = _tree(mine)
-    _refused(_cli("train", "--config", tiny / "tiny.yaml", f"run_dir={mine}", check=False),
+    before = file_tree(mine)
+    refused(run_cli("train", "--config", tiny / "tiny.yaml", f"run_dir={mine}", check=False),
              f"run_dir= {mine}: a non-empty folder that no CPRec run made", "config.yaml")
-    _refused(_cli("sft", "--model", tiny_base, "--shards", synthetic_shards, "--out", mine, check=False),
+    refused(run_cli("sft", "--model", tiny_base, "--shards", synthetic_shards, "--out", mine, check=False),
              "no CPRec run made")
-    _refused(_cli("evaluate", "--model", tiny_base, "--data", prepared_small, "--out", mine, "--users", "1",
+    refused(run_cli("evaluate", "--model", tiny_base, "--data", prepared_small, "--out", mine, "--users", "1",
                   check=False), f"--out {mine}: a non-empty folder that no evaluation made")
-    assert _tree(mine) == before
+    assert file_tree(mine) == before
     # a run's own folder still resumes, and a start killed before its lineage was written is still a run
     (tmp_path / "killed" / "checkpoints").mkdir(parents=True)
-    _cli("train", "--config", tiny / "tiny.yaml", f"run_dir={tmp_path / 'killed'}", "max_steps=1")
+    run_cli("train", "--config", tiny / "tiny.yaml", f"run_dir={tmp_path / 'killed'}", "max_steps=1")
 
 
+@pytest.mark.slow
 def test_a_second_command_on_a_folder_in_use_is_refused_naming_the_first(tiny, prepared_small, tiny_tokenizer,
                                                                          tmp_path):
     import subprocess
@@ -180,9 +215,9 @@ def test_a_second_command_on_a_folder_in_use_is_refused_naming_the_first(tiny, p
     for folder in (run, packed):
         folder.mkdir()
         staging.lock_folder(folder)  # this test's process stands for the first command
-    _refused(_cli("train", "--config", tiny / "tiny.yaml", f"run_dir={run}", check=False),
+    refused(run_cli("train", "--config", tiny / "tiny.yaml", f"run_dir={run}", check=False),
              f"{run} is in use by pid {os.getpid()}")
-    _refused(_cli("pack", "--input", prepared_small, "--tokenizer", tiny_tokenizer, "--out", packed,
+    refused(run_cli("pack", "--input", prepared_small, "--tokenizer", tiny_tokenizer, "--out", packed,
                   "--seq-len", "128", check=False), f"{packed} is in use by pid {os.getpid()}")
     assert {p.name for p in run.iterdir()} == {p.name for p in packed.iterdir()} == {staging.LOCK_FILE}
     for folder in (run, packed):
@@ -192,28 +227,30 @@ def test_a_second_command_on_a_folder_in_use_is_refused_naming_the_first(tiny, p
                                "from cprec import staging; staging.lock_folder(Path(sys.argv[1])); print('held', "
                                "flush=True); time.sleep(600)", str(run)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
-    _refused(_cli("train", "--config", tiny / "tiny.yaml", f"run_dir={run}", check=False),
+    refused(run_cli("train", "--config", tiny / "tiny.yaml", f"run_dir={run}", check=False),
              f"in use by pid {holder.pid}")
     holder.kill()
     holder.wait()
-    _cli("train", "--config", tiny / "tiny.yaml", f"run_dir={run}", "max_steps=1")
-    _cli("pack", "--input", prepared_small, "--tokenizer", tiny_tokenizer, "--out", packed, "--seq-len", "128")
+    run_cli("train", "--config", tiny / "tiny.yaml", f"run_dir={run}", "max_steps=1")
+    run_cli("pack", "--input", prepared_small, "--tokenizer", tiny_tokenizer, "--out", packed, "--seq-len", "128")
 
 
+@pytest.mark.slow
 def test_evaluate_again_after_the_test_split_changed_is_refused(tiny_base, prepared_small, tmp_path):
     prepared = tmp_path / "prepared"
     shutil.copytree(prepared_small, prepared)
     args = ["evaluate", "--model", tiny_base, "--data", prepared, "--out", tmp_path / "e", "--users", "2",
             "--protocol", "full"]
-    _cli(*args)
-    before = _tree(tmp_path / "e")
+    run_cli(*args)
+    before = file_tree(tmp_path / "e")
     test = next(prepared.glob("downstream/*/test.jsonl"))
     lines = test.read_text().splitlines()
     test.write_text("\n".join(reversed(lines)) + "\n")  # other users first: other targets scored
-    _refused(_cli(*args, check=False), "holds an evaluation with other settings", "data_files")
-    assert _tree(tmp_path / "e") == before
+    refused(run_cli(*args, check=False), "holds an evaluation with other settings", "data_files")
+    assert file_tree(tmp_path / "e") == before
 
 
+@pytest.mark.slow
 def test_inspect_row_checks_the_tokenizer_against_the_one_the_shards_were_packed_with(
         synthetic_shards, tiny_tokenizer, wide_tokenizer, tmp_path):
     from cprec.data.shards import index_checksum, read_index
@@ -223,7 +260,7 @@ def test_inspect_row_checks_the_tokenizer_against_the_one_the_shards_were_packed
     assert index["tokenizer"]["path"] == str(tiny_tokenizer.resolve())
     (tmp_path / "cwd").mkdir()
     args = ["inspect", synthetic_shards, "--stream", stream, "--row", "0"]
-    assert "document 0" in _cli(*args, cwd=tmp_path / "cwd").stdout  # found by its recorded path
+    assert "document 0" in run_cli(*args, cwd=tmp_path / "cwd").stdout  # found by its recorded path
     older = tmp_path / "older"  # an index from before the path was recorded: the name alone
     shutil.copytree(synthetic_shards, older)
     del index["tokenizer"]["path"]
@@ -231,20 +268,21 @@ def test_inspect_row_checks_the_tokenizer_against_the_one_the_shards_were_packed
     (older / "index.json").write_text(json.dumps(index))
     shutil.copytree(wide_tokenizer, tmp_path / "cwd" / tiny_tokenizer.name)  # another tokenizer, that name
     args[1] = older
-    _refused(_cli(*args, check=False, cwd=tmp_path / "cwd"), f"tokenizer {tiny_tokenizer.name} has hash",
+    refused(run_cli(*args, check=False, cwd=tmp_path / "cwd"), f"tokenizer {tiny_tokenizer.name} has hash",
              "pass the tokenizer folder")
-    assert "document 0" in _cli(*args, "--tokenizer", tiny_tokenizer, cwd=tmp_path / "cwd").stdout
+    assert "document 0" in run_cli(*args, "--tokenizer", tiny_tokenizer, cwd=tmp_path / "cwd").stdout
 
 
 
+@pytest.mark.slow
 def test_export_of_a_pruned_checkpoint_says_it_is_gone_and_what_is_left(tiny, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny / "done", run)
     shutil.rmtree(run / "checkpoints" / ckpt.tag_for(1))  # as retention does while the user types
-    _refused(_cli("export", run / "checkpoints" / ckpt.tag_for(1), "--out", tmp_path / "hf", check=False),
+    refused(run_cli("export", run / "checkpoints" / ckpt.tag_for(1), "--out", tmp_path / "hf", check=False),
              "does not exist", "retention", ckpt.tag_for(4))
     (run / "checkpoints" / ckpt.tag_for(2) / ckpt.MARKER).unlink()  # a save not finished
-    _refused(_cli("export", run / "checkpoints" / ckpt.tag_for(2), "--out", tmp_path / "hf", check=False),
+    refused(run_cli("export", run / "checkpoints" / ckpt.tag_for(2), "--out", tmp_path / "hf", check=False),
              "not a complete checkpoint", "in progress")
 
 
@@ -299,6 +337,7 @@ def test_control_characters_and_html_in_domain_names_neither_split_documents_nor
     assert "<script>" not in table and "&lt;script&gt;x\\|y&lt;/script&gt;" in table
 
 
+@pytest.mark.slow
 def test_a_held_out_domain_without_test_or_validation_users_is_refused_not_dropped(tiny_base, prepared_small,
                                                                                    tmp_path):
     prepared = tmp_path / "prepared"
@@ -308,7 +347,7 @@ def test_a_held_out_domain_without_test_or_validation_users_is_refused_not_dropp
     slug = manifest["domains"]["streams"][domain]
     for split in ("test", "valid"):
         (prepared / "downstream" / slug / f"{split}.jsonl").write_text("")
-        _refused(_cli("evaluate", "--model", tiny_base, "--data", prepared, "--out", tmp_path / split, "--users",
+        refused(run_cli("evaluate", "--model", tiny_base, "--data", prepared, "--out", tmp_path / split, "--users",
                       "1", f"split={split}", check=False), f"held-out domain '{domain}' has no {split} users")
         assert not (tmp_path / split).exists()
 
@@ -373,15 +412,15 @@ def test_max_split_fraction_counts_input_documents_not_their_pieces(tiny_tokeniz
         check_splits({"mixed": stream}, 32, 0.0)
 
 
+@pytest.mark.slow
 def test_elastic_resume_from_one_rank_to_two_may_change_the_micro_batch(work):
-    from tests.test_trainer import metrics, torchrun
 
-    torchrun(work, "one_to_two_ref", "micro_batch=8", nproc=1)
-    torchrun(work, "one_to_two", "micro_batch=8", "max_steps=4", nproc=1)
-    plain = torchrun(work, "one_to_two", "micro_batch=8", "--resume", check=False)
+    train_tiny(work, "one_to_two_ref", "micro_batch=8", nproc=1)
+    train_tiny(work, "one_to_two", "micro_batch=8", "max_steps=4", nproc=1)
+    plain = train_tiny(work, "one_to_two", "micro_batch=8", "--resume", check=False)
     assert plain.returncode != 0
     assert "pass micro_batch= one of 1, 2, 4" in plain.stdout + plain.stderr, plain.stderr[-3000:]
-    out = torchrun(work, "one_to_two", "micro_batch=4", "--resume")
+    out = train_tiny(work, "one_to_two", "micro_batch=4", "--resume")
     assert "written by 1 ranks, now 2" in out.stdout + out.stderr
     got, want = metrics(work / "one_to_two"), metrics(work / "one_to_two_ref")
     assert [r["tokens_per_stream"] for r in got] == [r["tokens_per_stream"] for r in want]  # the same rows
@@ -389,35 +428,35 @@ def test_elastic_resume_from_one_rank_to_two_may_change_the_micro_batch(work):
         assert g["loss"] == pytest.approx(w["loss"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_a_resume_accepts_the_same_shards_moved_or_named_from_another_working_folder(tiny, tmp_path):
-    from tests.test_faults import _metrics
 
     shutil.copytree(tiny / "shards", tmp_path / "here" / "shards")
     start = tmp_path / "here"
-    _cli("train", "--config", tiny / "tiny.yaml", "run_dir=run", "shards=shards", "max_steps=2", cwd=start)
+    run_cli("train", "--config", tiny / "tiny.yaml", "run_dir=run", "shards=shards", "max_steps=2", cwd=start)
     (tmp_path / "elsewhere").mkdir()
-    _cli("train", "--resume", f"run_dir={start / 'run'}", "max_steps=1", cwd=tmp_path / "elsewhere")  # relative
+    run_cli("train", "--resume", f"run_dir={start / 'run'}", "max_steps=1", cwd=tmp_path / "elsewhere")  # relative
     (start / "shards").rename(tmp_path / "moved")
-    _cli("train", "--resume", f"run_dir={start / 'run'}", f"shards={tmp_path / 'moved'}")
-    assert [r["loss"] for r in _metrics(start / "run")] == [r["loss"] for r in _metrics(tiny / "done")]
+    run_cli("train", "--resume", f"run_dir={start / 'run'}", f"shards={tmp_path / 'moved'}")
+    assert [r["loss"] for r in metrics(start / "run")] == [r["loss"] for r in metrics(tiny / "done")]
 
 
+@pytest.mark.slow
 def test_a_run_of_a_model_built_from_its_config_exports_the_tokenizer_of_its_shards(synthetic_shards,
                                                                                     tiny_tokenizer, tmp_path):
     import yaml
 
     from cprec.data.shards import read_index
-    from tests.test_faults import _TINY
 
     vocab = read_index(synthetic_shards)["tokenizer"]["vocab_size"]
-    config = {"shards": str(synthetic_shards), "model": {"name": None, "config": {**_TINY, "vocab_size": vocab,
+    config = {"shards": str(synthetic_shards), "model": {"name": None, "config": {**TINY, "vocab_size": vocab,
                                                                                  "max_position_embeddings": 128}},
               "global_batch": 4, "micro_batch": 2, "plots": False,
               "schedule": {"peak_lr": 0.003, "min_lr": 0.0003, "warmup_steps": 1, "stable_steps": 1,
                            "anneal_steps": 0}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
-    _cli("train", "--config", tmp_path / "c.yaml", f"run_dir={tmp_path / 'run'}", cwd=tmp_path)
-    _cli("export", tmp_path / "run" / "checkpoints" / ckpt.tag_for(2), "--out", tmp_path / "hf")
+    run_cli("train", "--config", tmp_path / "c.yaml", f"run_dir={tmp_path / 'run'}", cwd=tmp_path)
+    run_cli("export", tmp_path / "run" / "checkpoints" / ckpt.tag_for(2), "--out", tmp_path / "hf")
     assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == (tiny_tokenizer / "tokenizer.json").read_bytes()
 
 

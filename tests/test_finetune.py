@@ -77,12 +77,14 @@ def base_model(tiny_tokenizer, tmp_path_factory):
 
 
 def held_out_hr10(model_dir, prepared, out) -> dict:
-    from cprec.eval.evaluate import EvalConfig, evaluate
+    from cprec.eval.config import EvalConfig
+    from cprec.eval.evaluate import evaluate
 
     results = evaluate(str(model_dir), prepared, out, EvalConfig(protocol="full", domains=[HELD_OUT]))
     return results["domains"][HELD_OUT]
 
 
+@pytest.mark.slow
 def test_continual_pretraining_then_sft_beats_sft_only(shards, base_model, prepared_small, tmp_path):
     from cprec.export import export
 
@@ -120,7 +122,7 @@ def test_every_shipped_config_loads_and_validates():
     from cprec.data.prepare import MOVIELENS_PRETRAIN, PrepareConfig
     from cprec.data.prepared import MIXED_STREAM, stream_name
     from cprec.train.engine import build_ds_config
-    from cprec.train.loop import TrainConfig
+    from cprec.train.config import TrainConfig
 
     configs = sorted((Path(__file__).resolve().parents[1] / "launch" / "configs").glob("*.yaml"))
     assert len(configs) >= 5

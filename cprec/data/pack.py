@@ -266,7 +266,7 @@ def pack_shard(task: dict) -> dict:
                                                                                task["pad_id"], dtype)
     entry = shards.write_shard(path, tokens, row_docs, doc_lens, prompt_lens, doc_index, task["zstd_level"])
     entry.update(split_documents=split, source_documents=len(docs), input_hash=task["input_hash"])
-    shards.atomic_write(sidecar, json.dumps(entry, sort_keys=True).encode())
+    staging.write_atomic(sidecar, json.dumps(entry, sort_keys=True).encode())
     return entry
 
 
@@ -374,22 +374,14 @@ def _claim_output(out: Path) -> None:
     """Make `out` a pack output: refuse one that holds anything but an earlier pack's files, write the marker
     first (so an interrupted pack is recognised and resumed) and drop an earlier index, which stops
     describing the directory as soon as a shard is rewritten (the new one is written at the end)."""
-    if out.exists() and not out.is_dir():
-        raise CPRecError(f"--out {out}: exists and is not a directory")
-    if out.is_dir() and not shards.is_shard_directory(out):
-        entries = [p.name + ("/" if p.is_dir() else "") for p in staging.entries(out)]
-        if entries:
-            more = f" and {len(entries) - 1} more entries" if len(entries) > 1 else ""
-            raise CPRecError(f"--out {out}: not empty and not a pack output (it holds '{entries[0]}'{more}); pack "
-                             f"writes only into an empty directory or an earlier pack's output (one with "
-                             f"{shards.MARKER_FILE} or {shards.INDEX_FILE}): choose another --out")
+    staging.refuse_foreign(out, shards.is_shard_directory, "pack")
     links = sorted(str(p) for p in [out, *(out.iterdir() if out.is_dir() else [])] if p.is_symlink())
     if links:  # pack writes and deletes shards in its stream folders: through a link, in someone else's
         raise CPRecError(f"--out {out}: {', '.join(links)} is a symbolic link; pack writes and removes shards in "
                          f"its own folders only and never follows a link: replace it with a folder")
     out.mkdir(parents=True, exist_ok=True)
     staging.lock_folder(out)  # a second pack into this folder is refused, naming this one
-    shards.atomic_write(out / shards.MARKER_FILE, shards.MARKER)
+    staging.write_atomic(out / shards.MARKER_FILE, shards.MARKER)
     (out / shards.INDEX_FILE).unlink(missing_ok=True)
 
 
@@ -409,7 +401,7 @@ def _remove_stale(out: Path, expected: dict[str, set[str]]) -> None:
 
 
 def _disk_full(exc: OSError, out: Path) -> CPRecError:
-    """Writes are atomic (shards.atomic_write), so a full disk costs only the file being written."""
+    """Writes are atomic (staging.write_atomic), so a full disk costs only the file being written."""
     reason = "no space left on device" if exc.errno == errno.ENOSPC else "disk quota exceeded"
     return CPRecError(f"{exc.filename or out}: {reason} while packing. Nothing valid was lost: the shards "
                       f"completed so far are kept and the cut-short file was removed; free space and re-run the "

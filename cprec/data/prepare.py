@@ -151,7 +151,7 @@ class Budget:
         return {"unit": self.unit, "size": self.size, "tokenizer": self.identity}
 
 
-class _Log:
+class _Interactions:
     """Interactions as growing typed arrays (12 bytes each) plus string tables for users and items."""
 
     def __init__(self):
@@ -189,8 +189,8 @@ def _read_items(source, cfg: PrepareConfig, log: RejectLog, filtered: collection
 
 
 def _read_interactions(source, table: dict, wanted: set | None, log: RejectLog, filtered: collections.Counter,
-                       raw_domain_counts: collections.Counter, units: cleaning.TimestampUnits) -> _Log:
-    data = _Log()
+                       raw_domain_counts: collections.Counter, units: cleaning.TimestampUnits) -> _Interactions:
+    data = _Interactions()
     for file, line, user, item, stamp, domain in source.interactions(log):
         units.see(file, line, stamp, len(data.users))
         entry = table.get(item)
@@ -238,7 +238,7 @@ def _domain_list(counts: collections.Counter) -> str:
     return ", ".join(f"{d} ({n})" for d, n in counts.most_common()) or "no domains at all"
 
 
-def _clean(data: _Log, k: int, removed: collections.Counter):
+def _clean(data: _Interactions, k: int, removed: collections.Counter):
     users = np.frombuffer(data.users, dtype=np.int32)
     items = np.frombuffer(data.items, dtype=np.int32)
     stamps = np.frombuffer(data.stamps, dtype=np.float64)
@@ -267,7 +267,7 @@ def _jsonl(fh, record: dict) -> None:
     fh.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def split_record(cfg: PrepareConfig, data: _Log, domains, stamps, downstream) -> dict:
+def split_record(cfg: PrepareConfig, data: _Interactions, domains, stamps, downstream) -> dict:
     """The manifest's `split`: its kind and, for the chronological one, each held-out domain's two cut times
     (interactions before the first train, from the second on test) and how many interactions fall in each."""
     if cfg.split == LEAVE_ONE_OUT:
@@ -290,7 +290,7 @@ def split_record(cfg: PrepareConfig, data: _Log, domains, stamps, downstream) ->
     return record
 
 
-def _write_outputs(tmp: Path, data: _Log, users, items, domains, stamps, pretrain, downstream, cfg, budget,
+def _write_outputs(tmp: Path, data: _Interactions, users, items, domains, stamps, pretrain, downstream, cfg, budget,
                    split: dict) -> dict:
     """Render documents and splits user by user; return per-stream and per-domain statistics."""
     domain_names = {i: d for d, i in data.domain_ids.items()}
@@ -476,20 +476,15 @@ def prepare(cfg: PrepareConfig, out: str | Path, overwrite: bool = False) -> dic
 
 def _check_output(out: Path, overwrite: bool) -> None:
     """Refuse an output path that cannot take the result now, before any work is done."""
-    if out.exists() and not out.is_dir():
-        raise CPRecError(f"output path {out} exists and is not a directory; choose another --out (prepare writes "
-                         f"a directory) or remove the file")
+    staging.refuse_foreign(out, is_prepared, "prepare")
     if out.exists() and not overwrite:
-        raise CPRecError(f"output directory {out} exists; pass --overwrite to replace it")
-    if out.exists() and any(out.iterdir()) and not is_prepared(out):
-        raise CPRecError(f"output directory {out} is not an earlier prepare output (no prepare manifest.json); "
-                         f"--overwrite replaces only those, never another folder: choose a new --out")
+        raise CPRecError(f"--out {out} exists; pass --overwrite to replace it")
     above = next(p for p in out.parents if p.exists())
     if not above.is_dir():
         raise CPRecError(f"output path {out}: {above} is a file, not a directory; choose another --out")
 
 
-def _drop_unused_domains(data: _Log, wanted: set, filtered: collections.Counter) -> None:
+def _drop_unused_domains(data: _Interactions, wanted: set, filtered: collections.Counter) -> None:
     item_domain = np.frombuffer(data.item_domain, dtype=np.int32)
     keep_domain = np.array([name in wanted for name in data.domain_ids], dtype=bool)
     keep = keep_domain[item_domain[np.frombuffer(data.items, dtype=np.int32)]]
@@ -500,7 +495,7 @@ def _drop_unused_domains(data: _Log, wanted: set, filtered: collections.Counter)
         setattr(data, name, array.array(arr.typecode, kept.tobytes()))
 
 
-def _write_items(path: Path, data: _Log, items: np.ndarray) -> None:
+def _write_items(path: Path, data: _Interactions, items: np.ndarray) -> None:
     counts = np.bincount(items, minlength=len(data.item_ids))
     with open(path, "w", encoding="utf-8") as fh:
         for iid, (domain, title) in enumerate(data.item_ids):

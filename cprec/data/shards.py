@@ -45,7 +45,6 @@ import bisect
 import collections
 import hashlib
 import json
-import os
 import re
 import struct
 from dataclasses import dataclass
@@ -55,6 +54,7 @@ import numpy as np
 import zstandard
 
 from cprec.data.prepared import check_name
+from cprec import staging
 from cprec.errors import CPRecError
 
 FORMAT_NAME = "cprec-shards"
@@ -98,21 +98,6 @@ class Shard:
         return self.tokens[i], self.doc_lens[a:b], self.prompt_lens[a:b]
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary name, then rename: `path` is whole or absent. An OSError names `path` (a failed
-    write or fsync does not), and the partial temporary is removed, since on a full disk it only takes space."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OSError(exc.errno, exc.strerror, str(path)) from exc
-
-
 def encode_shard(tokens: np.ndarray, row_docs, doc_lens, prompt_lens, doc_index, level: int = 3) -> bytes:
     rows, seq_len = tokens.shape
     itemsize = tokens.dtype.itemsize
@@ -128,7 +113,7 @@ def write_shard(path: Path, tokens: np.ndarray, row_docs, doc_lens, prompt_lens,
                 level: int = 3) -> dict:
     """Write one shard atomically; return its index entry (file name relative to the shard directory)."""
     data = encode_shard(tokens, row_docs, doc_lens, prompt_lens, doc_index, level)
-    atomic_write(path, data)
+    staging.write_atomic(path, data)
     return {"file": f"{path.parent.name}/{path.name}", "rows": int(tokens.shape[0]),
             "tokens": int(np.sum(doc_lens, dtype=np.int64)), "documents": int(len(doc_lens)),
             "bytes": len(data), "checksum": checksum(data)}
@@ -189,7 +174,7 @@ def index_checksum(index: dict) -> str:
 def write_index(root: Path, index: dict) -> None:
     """Seal the index (set its `index_checksum`) and write it."""
     index["index_checksum"] = index_checksum(index)
-    atomic_write(root / INDEX_FILE, (json.dumps(index, indent=2, ensure_ascii=False) + "\n").encode())
+    staging.write_atomic(root / INDEX_FILE, (json.dumps(index, indent=2, ensure_ascii=False) + "\n").encode())
 
 
 def is_shard_directory(root: Path) -> bool:
@@ -254,9 +239,9 @@ def read_index(root: Path) -> dict:
 class ShardSet:
     """Reader over a shard directory: random access to row i of a stream, decompressed shards cached."""
 
-    def __init__(self, root: str | Path, cache_shards: int = 4):
+    def __init__(self, root: str | Path, cache_shards: int = 4, index: dict | None = None):
         self.root = Path(root)
-        self.index = read_index(self.root)
+        self.index = index if index is not None else read_index(self.root)  # given: read once by the caller
         self.seq_len = int(self.index["seq_len"])
         self.dtype = np.dtype(self.index["dtype"]).newbyteorder("<")
         self.streams = self.index["streams"]

@@ -178,14 +178,14 @@ class PackedStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, shards_dir, mixture: dict[str, float], seed: int, global_batch: int, rank: int = 0,
-                 world_size: int = 1, phase: str = "stable", window_shards: int = 4):
+                 world_size: int = 1, phase: str = "stable", window_shards: int = 4, index: dict | None = None):
         if global_batch % world_size:
             raise CPRecError(f"global batch {global_batch} rows is not divisible by the world size {world_size}")
         if not 0 <= rank < world_size:
             raise CPRecError(f"rank {rank} is outside a world of {world_size}")
         self.shards_dir, self.window_shards = shards_dir, window_shards
         self.global_batch, self.rank, self.world_size = global_batch, rank, world_size
-        self.data = ShardSet(shards_dir, cache_shards=window_shards + 1)
+        self.data = ShardSet(shards_dir, cache_shards=window_shards + 1, index=index)
         self.stream_names = list(self.data.streams)
         self.state = StreamState(phase=phase, fingerprint=self.data.fingerprint, mixture=dict(mixture), seed=seed,
                                  global_batch=global_batch)

@@ -25,151 +25,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
-from dataclasses import dataclass, replace
-from datetime import timedelta
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from cprec.data import template
+from cprec.backbone import load_model, model_folder
 from cprec.data.cleaning import markdown_text
 from cprec.data.prepared import LEAVE_ONE_OUT, Prepared, read_manifest, split_kind
-from cprec.data.stream import stable_key
-from cprec.config import check_seed
 from cprec.errors import CPRecError
 from cprec.eval import ranks as rank_files
+from cprec.eval.config import TOP_K, EvalConfig, protocols, resolve_device, sized_for
+from cprec.eval.downstream import Downstream, downstream_domains, sampled_candidates
 from cprec.eval.metrics import HR_KS, NDCG_KS, rank_against_ties, ranking_metrics
+from cprec.process_group import RankGroup
 from cprec.staging import STAGING_MARKER
-
-PROTOCOLS = ("full", "sampled", "both")
-SPLITS = ("test", "valid")  # leave-one-out: test's target is the last item, valid's the one before it
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-TOP_K = max(HR_KS + NDCG_KS)
-
-
-@dataclass
-class EvalConfig:
-    protocol: str = "both"  # full (every title), sampled (target + negatives) or both
-    domains: list[str] | None = None  # default: every downstream domain of the prepared data
-    users: int | None = None  # evaluate a seeded sample of this many test users per domain (default: all)
-    negatives: int = 99  # sampled protocol: negatives per user
-    seed: int = 0  # the user sample and the negatives
-    beam: int | None = None  # prefixes each user expands per search step (None: 20 CPU, 256 GPU); exact either way
-    exhaustive_below: int | None = None  # fewer titles (catalogue, candidates) are all scored (None: 60 CPU, 500 GPU); exact either way
-    frontier: int = 50_000  # open prefixes kept per user by the search; past it, cut and checked (still exact)
-    batch_users: int | None = None  # users whose prompts and titles share forward passes (None: 16 CPU, 256 GPU)
-    row_nodes: int = 256  # prefix-tree nodes per row of a forward pass
-    tokens_per_pass: int | None = None  # fed positions per forward pass (None: 4096 CPU, 65536 GPU); keys add prompt+context
-    node_cache_mb: int | None = None  # K/V kept per batch of users in a search (None: 1024 CPU, 1/3 of free GPU memory)
-    device: str = "auto"  # auto: this rank's GPU when there is one, else cpu; or cpu, cuda, cuda:N
-    dtype: str = "auto"  # auto: bfloat16 on a GPU, float32 on the CPU
-    split: str = "test"  # valid: the validation users (model selection: in-training metric, anneal sweep)
-
-    def validate(self) -> None:
-        check_seed(self.seed)
-        if self.protocol not in PROTOCOLS:
-            raise CPRecError(f"protocol must be one of {', '.join(PROTOCOLS)}, got '{self.protocol}'")
-        if self.split not in SPLITS:
-            raise CPRecError(f"split must be one of {', '.join(SPLITS)}, got '{self.split}'")
-        if self.users is not None and self.users < 1:
-            raise CPRecError(f"users must be at least 1 (or left out for every test user), got {self.users}")
-        for name in ("negatives", "beam", "frontier", "batch_users", "row_nodes", "tokens_per_pass",
-                     "node_cache_mb"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise CPRecError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.dtype not in DTYPES:
-            raise CPRecError(f"dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
-
-
-# ---------------------------------------------------------------- device, precision, model
-
-def resolve_device(device: str = "auto", dtype: str = "auto"):
-    """(torch.device, torch.dtype) of this process: auto picks its local rank's GPU when one is visible
-    (bf16 there), else the CPU (fp32)."""
-    import torch
-
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CPRecError(f"device={device}: no GPU is visible to this process (torch.cuda.is_available() is "
-                         f"False); use device=cpu")
-    try:
-        dev = torch.device(f"cuda:{local}" if device == "cuda" else device)
-    except RuntimeError:
-        raise CPRecError(f"device must be auto, cpu, cuda or cuda:N, got '{device}'") from None
-    if dtype not in DTYPES:
-        raise CPRecError(f"dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
-    if dtype == "auto":
-        dtype = "bfloat16" if dev.type == "cuda" else "float32"
-    return dev, getattr(torch, dtype)
-
-
-def sized_for(cfg: EvalConfig, device) -> EvalConfig:
-    """The batch sizes left to the device: a GPU takes far larger passes than a CPU. A GPU's search also
-    takes a wider beam: a step's bookkeeping costs about the same for 20 prefixes as for 256, and a GPU's
-    pass is short, so fewer, wider steps pay (on a compute-bound CPU a narrow beam feeds fewer nodes).
-
-    Which catalogues are scored whole: on a CPU the time follows the nodes fed, and the search feeds about
-    half of a 90-title MovieLens genre's tree for the top 20 (1.3x faster than scoring every title) but
-    most of a 42-title one (1.2x slower), hence whole below 3 x TOP_K titles. On a GPU a small tree is
-    one pass, whole below 500 (`benchmarks/bench_eval.py`, `benchmarks/gpu_eval.py`).
-
-    A GPU's 256 users per batch (65536 fed positions per pass) were measured on an 80 GB H100 with
-    SmolLM2-135M (~23 KB of keys and values per position in bf16): ~9 GB per pass beside ~3 GB of prompts
-    and the node cache (a third of the free memory). A model with more K/V per position, or a smaller GPU,
-    needs `batch_users` and `tokens_per_pass` lowered in proportion."""
-    gpu = device.type == "cuda"
-    exhaustive_below = cfg.exhaustive_below if cfg.exhaustive_below is not None else (500 if gpu else 3 * TOP_K)
-    return replace(cfg, batch_users=cfg.batch_users or (256 if gpu else 16),
-                   tokens_per_pass=cfg.tokens_per_pass or (65536 if gpu else 4096),
-                   beam=cfg.beam or (256 if gpu else 20), node_cache_mb=cfg.node_cache_mb or node_cache_default(device),
-                   exhaustive_below=exhaustive_below)
-
-
-def node_cache_default(device) -> int:
-    """MB of keys and values a search keeps. A batch of 256 GPU users feeds ~860k nodes on a 10k catalogue
-    (~23 KB each for SmolLM2 in bf16: ~20 GB); when the cache is full, later rows feed ancestors again and
-    the search slows by ~1.7x. So a GPU gives it a third of its free memory, a CPU 1 GB."""
-    import torch
-
-    if device.type != "cuda":
-        return 1024
-    free, _ = torch.cuda.mem_get_info(device)
-    return max(1024, free // 3 >> 20)
-
-
-def model_folder(spec: str) -> Path:
-    from cprec.backbone import smollm2_folder
-
-    return smollm2_folder() if spec == "smollm2" else Path(spec)
-
-
-def load_model(spec: str, device=None, dtype=None):
-    """(model, tokenizer) of a Hugging Face folder or 'smollm2', on `device` in `dtype` (default: CPU, fp32)."""
-    import torch
-    import transformers
-
-    from cprec.attention import for_evaluation
-    from cprec.backbone import load_pretrained
-
-    transformers.logging.set_verbosity_error()
-    folder = model_folder(spec)
-    if not (folder / "config.json").is_file():
-        raise CPRecError(f"--model {spec}: not a Hugging Face model folder (no config.json) nor 'smollm2'")
-    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
-        raise CPRecError(f"--model {spec}: the folder has no tokenizer (tokenizer.json); evaluation renders text, "
-                         f"so copy the backbone's tokenizer files into it (an export takes them from the run's "
-                         f"model/ folder, which has none when the run trained a model built from model.config)")
-    dtype = dtype or torch.float32
-    try:  # the batched scorer passes its own 4-D masks, which SDPA (and eager) attention take
-        model = load_pretrained(folder, dtype=dtype, attn_implementation=for_evaluation(device))
-    except (ValueError, ImportError):
-        model = load_pretrained(folder, dtype=dtype, attn_implementation="eager")
-    return model.to(device or "cpu"), transformers.AutoTokenizer.from_pretrained(folder)
+from cprec.tables import markdown_table
 
 
 def fingerprint(paths: list[Path]) -> str:
@@ -182,132 +55,6 @@ def fingerprint(paths: list[Path]) -> str:
                 digest.update(chunk)
     return digest.hexdigest()
 
-
-# ---------------------------------------------------------------- data
-
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise CPRecError(f"{path}: missing")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-
-
-class Downstream:
-    """One downstream domain of a prepared directory: catalogue, test users, prompts and candidates."""
-
-    def __init__(self, prepared: Path, manifest: dict, domain: str, cfg: EvalConfig, cost):
-        self.domain = domain
-        self.slug = manifest["domains"]["streams"][domain]
-        self.titles = sorted({it["title"] for it in read_jsonl(prepared / "items.jsonl") if it["domain"] == domain})
-        self.index = {t: i for i, t in enumerate(self.titles)}
-        test = read_jsonl(prepared / "downstream" / self.slug / f"{cfg.split}.jsonl")
-        if cfg.users is not None and cfg.users < len(test):
-            keep = np.sort(np.random.default_rng([cfg.seed, stable_key(domain)]).choice(len(test), cfg.users, replace=False))
-            test = [test[i] for i in keep]
-        self.test = test
-        self.budget, self.cost = manifest["budget"]["size"], cost
-
-    def prompt(self, row: dict) -> str:
-        return template.render_example(self.domain, row["history"], None, self.budget, self.cost)[0]
-
-    def candidates(self, row: dict, negatives: int, seed: int) -> list[str]:
-        """The target first, then `negatives` titles the user never touched (seeded by user); all untouched
-        titles where the catalogue has fewer (MovieLens genres have 42-92 items after the 5-core)."""
-        free = np.ones(len(self.titles), dtype=bool)  # the untouched titles, in catalogue order
-        free[[self.index[t] for t in {*row["history"], row["target"]} if t in self.index]] = False
-        pool = np.flatnonzero(free)
-        n = min(negatives, len(pool))
-        pick = np.random.default_rng([seed, stable_key(self.domain, row["user"])]).choice(len(pool), n, replace=False)
-        return [row["target"]] + [self.titles[pool[i]] for i in sorted(pick)]
-
-
-def sampled_candidates(ds: Downstream, cfg: EvalConfig, out: Path, reuse: Path | None,
-                       write: bool = True) -> list[list[str]]:
-    """Candidates of every test user: read from `reuse` when given (the same for every model), else drawn
-    and (when `write`) written to `out/candidates/<domain>.jsonl`."""
-    if reuse is not None:
-        rows = read_jsonl(reuse / f"{ds.slug}.jsonl")
-        by_user = {r["user"]: r["candidates"] for r in rows}
-        missing = [r["user"] for r in ds.test if r["user"] not in by_user]
-        if missing:
-            raise CPRecError(f"{reuse / (ds.slug + '.jsonl')} has no candidates for user {missing[0]}")
-        return [by_user[r["user"]] for r in ds.test]
-    cands = [ds.candidates(r, cfg.negatives, cfg.seed) for r in ds.test]
-    if write:
-        (out / "candidates").mkdir(parents=True, exist_ok=True)
-        path = out / "candidates" / f"{ds.slug}.jsonl"
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for row, c in zip(ds.test, cands):
-                fh.write(json.dumps({"user": row["user"], "target": row["target"], "candidates": c},
-                                    ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    return cands
-
-
-def downstream_domains(prepared: Path, cfg: EvalConfig) -> tuple[dict, list[str]]:
-    manifest = read_manifest(prepared)
-    domains = cfg.domains or manifest["domains"]["downstream"]
-    if not domains:
-        raise CPRecError(f"{prepared} has no downstream domain to evaluate on: prepare it with "
-                         f"downstream_domains='[...]' (held-out domains get leave-one-out splits)")
-    unknown = [d for d in domains if d not in manifest["domains"]["downstream"]]
-    if unknown:
-        raise CPRecError(f"'{unknown[0]}' is not a downstream domain of {prepared} "
-                         f"({', '.join(manifest['domains']['downstream'])})")
-    data = Prepared(prepared)
-    for domain in domains:  # a domain without users would drop out of every table without a word
-        path = data.downstream(domain, cfg.split)
-        if not path.is_file() or not any(line.strip() for line in path.open(encoding="utf-8")):
-            raise CPRecError(f"held-out domain '{domain}' has no {cfg.split} users ({path} is empty): its results "
-                             f"would be missing from every table. Leave it out (domains: [...]) or prepare it with "
-                             f"more users (a lower k_core, or min_downstream_items)")
-    return manifest, domains
-
-
-def protocols(cfg: EvalConfig) -> list[str]:
-    return [p for p in ("sampled", "full") if cfg.protocol in (p, "both")]
-
-
-# ---------------------------------------------------------------- ranks (processes)
-
-class Ranks:
-    """This process's place among the torchrun ranks (one process without a launcher). Collectives carry
-    only small Python objects, over gloo, whatever the device: no NCCL timeout can end a long evaluation."""
-
-    def __init__(self):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.created = False
-        if self.world > 1:
-            import torch.distributed as dist
-
-            if not dist.is_initialized():
-                # ranks wait for the slowest at the end: allow for a long imbalance
-                dist.init_process_group("gloo", timeout=timedelta(hours=24))
-                self.created = True
-            self.dist = dist
-
-    def from_rank0(self, value):
-        """Rank 0's `value` on every rank."""
-        if self.world == 1:
-            return value
-        box = [value]
-        self.dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def gather(self, value) -> list:
-        if self.world == 1:
-            return [value]
-        out = [None] * self.world
-        self.dist.all_gather_object(out, value)
-        return out
-
-    def close(self) -> None:
-        if self.created:
-            self.dist.destroy_process_group()
-
-
-# ---------------------------------------------------------------- the evaluation
 
 def settings_record(model_spec: str, prepared: Path, domains: list[str], cfg: EvalConfig, candidates: Path | None,
                     dtype) -> dict:
@@ -367,7 +114,7 @@ def evaluate(model_spec: str, prepared: str | Path, out: str | Path, cfg: EvalCo
     prepared, out = Path(prepared), Path(out)
     reuse = Path(candidates) if candidates else None
     manifest, domains = downstream_domains(prepared, cfg)
-    ranks = Ranks()
+    ranks = RankGroup()
     try:
         device, dtype = resolve_device(cfg.device, cfg.dtype)
         model, tok = load_model(model_spec, device, dtype)  # a model that cannot load claims no folder
@@ -414,7 +161,8 @@ def rank_in_memory(model, tok, prepared: Path, cfg: EvalConfig, rank: int = 0, w
     `evaluate` computes its metrics in). The units, candidates and scorer are `evaluate`'s, so the union over
     the ranks equals `evaluate`'s records for the same weights and settings, whatever `world` is. `model` is
     only run forward, under no_grad, in whatever mode the caller set."""
-    from cprec.eval.batched import BatchScorer, PrefixTree
+    from cprec.eval.batched import BatchScorer
+    from cprec.eval.search import PrefixTree
 
     cfg.validate()
     manifest, domains = downstream_domains(prepared, cfg)
@@ -431,7 +179,7 @@ def rank_in_memory(model, tok, prepared: Path, cfg: EvalConfig, rank: int = 0, w
     return records
 
 
-def _claim(ranks: Ranks, out: Path, settings) -> None:
+def _claim(ranks: RankGroup, out: Path, settings) -> None:
     """Rank 0 starts or resumes `out` (`cprec.eval.ranks.claim`); every rank learns whether it may go on."""
     error = None
     if ranks.rank == 0:
@@ -452,7 +200,7 @@ def settings_record_of(out: Path) -> dict:
 
 def _score_units(scorer, sets: dict, units: list[Unit], done: dict, out: Path, rank: int, cfg: EvalConfig) -> dict:
     """Score this rank's units that `done` lacks, appending each unit's ranks; seconds per (domain, protocol)."""
-    from cprec.eval.batched import PrefixTree
+    from cprec.eval.search import PrefixTree
 
     todo = [u for u in units if any((u.domain, u.protocol, str(sets[u.domain][0].test[i]["user"])) not in done
                                     for i in u.users)]
@@ -570,8 +318,7 @@ def results_markdown(runs: dict[str, dict]) -> str:
             split = f", {kind} split" + (f" ({first['split']} users)" if first.get("split", "test") != "test" else "")
             keys = [f"HR@{k}" for k in HR_KS] + [f"NDCG@{k}" for k in NDCG_KS]
             lines += [f"### {markdown_text(domain)} — {label}, {users} test users{split}", "",
-                      "| model | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-            lines += [f"| {markdown_text(name)} | " + " | ".join(f"{m[k]:.4f}" for k in keys) + " |"
-                      for name, m in rows]
+                      *markdown_table(["model", *keys], [[markdown_text(name), *(f"{m[k]:.4f}" for k in keys)]
+                                                         for name, m in rows])]
             lines.append("")
     return "\n".join(lines)

@@ -98,33 +98,15 @@ class RankLog:
 
 def claim(out: Path, settings: dict) -> None:
     """Start or resume an evaluation in `out`: record its settings, or check them against the recorded ones."""
-    path = out / SETTINGS_FILE
-    if path.is_file():
-        before = json.loads(path.read_text(encoding="utf-8"))
-        if "data_files" not in before:  # recorded since issue 25: an older evaluation resumes as it was
-            settings = {k: v for k, v in settings.items() if k != "data_files"}
-        changed = [f"{name}: {before.get(name)!r} -> {settings.get(name)!r}"
-                   for name in sorted(set(before) | set(settings)) if before.get(name) != settings.get(name)]
-        if changed:
-            raise CPRecError(f"{out} holds an evaluation with other settings ({'; '.join(changed)}); resuming "
-                             f"would mix their results: choose another --out, or delete {out} to start over")
-        return
-    if (out / RANKS_FILE).is_file() or any(out.glob(PARTIAL_GLOB)):
+    if not (out / SETTINGS_FILE).is_file() and ((out / RANKS_FILE).is_file() or any(out.glob(PARTIAL_GLOB))):
         raise CPRecError(f"{out} holds per-user ranks but no {SETTINGS_FILE}, so they cannot be resumed safely: "
                          f"choose another --out, or delete {out} to start over")
-    staging.refuse_foreign(out, lambda folder: False, "evaluation")  # a folder without SETTINGS_FILE
-    out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    # data_files is recorded since issue 25: an older evaluation resumes as it was
+    staging.claim(out, SETTINGS_FILE, settings, "an evaluation", since=("data_files",), lock=False)
 
 
 def finish(out: Path, records: list[dict]) -> None:
     """Write the final `ranks.jsonl` (records in their final order) and remove the partial files."""
-    _write_atomic(out / RANKS_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    staging.write_atomic(out / RANKS_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     for path in out.glob(PARTIAL_GLOB):
         path.unlink()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

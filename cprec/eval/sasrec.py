@@ -111,8 +111,9 @@ def next_item_scores(model: SASRec, histories: list[list[int]], dtype: torch.dty
 def evaluate_sasrec(prepared: str | Path, out: str | Path, eval_cfg, cfg: SASRecConfig,
                     candidates: str | Path | None = None) -> dict:
     """The SASRec baseline on the same test users (and saved candidates) as `cprec evaluate`."""
-    from cprec.eval.evaluate import (Downstream, downstream_domains, protocols, read_jsonl, resolve_device,
-                                     results_markdown, sampled_candidates)
+    from cprec.eval.config import protocols, resolve_device
+    from cprec.eval.downstream import Downstream, downstream_domains, read_jsonl, sampled_candidates
+    from cprec.eval.evaluate import results_markdown
 
     prepared, out = Path(prepared), Path(out)
     manifest, domains = downstream_domains(prepared, eval_cfg)

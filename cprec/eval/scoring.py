@@ -14,7 +14,7 @@ KV cache shared by every candidate:
   how many prefixes are expanded per batched forward pass), and only catalogue titles can come out.
   Two corners where it differs from scoring every title, kept as the baseline was: titles whose lines have
   the same tokens yield only the first of them, and a title tied with an open prefix is final at once
-  (`cprec.eval.batched.BestFirst` handles both; `cprec evaluate` no longer calls this search).
+  (`cprec.eval.search.BestFirst` handles both; `cprec evaluate` no longer calls this search).
 """
 
 from __future__ import annotations

@@ -1,6 +1,5 @@
 """The engine: the process group, the DeepSpeed config and the model, built once per rank.
 
-`init_distributed` joins (or, for a lone process, makes) the process group: gloo on CPUs, NCCL on GPUs.
 `build_ds_config` fills a DeepSpeed JSON with the run's batch arithmetic and optimizer, checking that
 global_batch = world x micro_batch x grad_accum. `build_model` builds the model the Hugging Face way under
 ZeRO-3 (weights initialised, then partitioned); the packaged SmolLM2 is converted from GGUF first, before any
@@ -12,104 +11,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cprec import resources
 from cprec.errors import CPRecError
-
-if TYPE_CHECKING:
-    from cprec.train.loop import TrainConfig
-
-
-@dataclass
-class ModelConfig:
-    name: str | None = "smollm2"  # a Hugging Face folder, or smollm2 (the packaged SmolLM2-135M)
-    config: dict | None = None  # instead of name: build a random model from this config (tests)
-    attn: str = "auto"  # auto: flash_attention_2 on GPUs when installed, else sdpa; see cprec.attention
-    gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory, more time)
-
-
-@dataclass
-class OptimConfig:
-    weight_decay: float = 0.1  # AdamW decoupled weight decay
-    beta1: float = 0.9  # AdamW first-moment decay
-    beta2: float = 0.95  # AdamW second-moment decay
-    eps: float = 1e-8  # AdamW epsilon
-    grad_clip: float = 1.0  # clip the global gradient norm to this (0: no clipping)
-    torch_adam: bool = True  # torch's AdamW: no fused_adam build (2 min on CPU; needs nvcc on GPUs)
-
-
-ZERO_STAGES = (1, 2, 3)  # stage 0 has no ZeRO checkpoint files, which export and elastic resume read
+from cprec.train.config import ZERO_STAGES, TrainConfig
 
 
 def zero_stage(ds_config: dict) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
-
-
-# what a launcher (or init_distributed, for a lone process) sets for a rank
-LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def child_env() -> dict[str, str]:
-    """The environment for a `cprec` child process started by a command (a sweep's branch, an experiment's
-    training): without this process's rank variables, so that the child makes a process group of its own
-    rather than trying to join this one."""
-    return {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
-
-
-def init_distributed():
-    import warnings
-
-    import deepspeed
-    import torch
-
-    # DeepSpeed 0.19 calls collectives that torch 2.13 marks deprecated, once per step and rank
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-
-    cuda = torch.cuda.is_available()
-    if "RANK" not in os.environ:  # a single process without a launcher: a free port, so that two can run
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
-    if not cuda and "OMP_NUM_THREADS" not in os.environ:  # the deepspeed launcher does not set it
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
-    if not cuda:
-        # DeepSpeed builds its shared-memory all-reduce (used by inference only, never by training) the first
-        # time a CPU process group starts: a C++ JIT build that fails where no compiler is installed (slim
-        # images) and costs a minute on a fresh machine. DeepSpeed keeps this table for such edits.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.distributed.get_rank(), torch.distributed.get_world_size(), cuda
-
-
-def close_process_group(clean: bool = True) -> None:
-    """Destroy this process's process group, if one is open, before the interpreter's teardown: a process
-    that exits with a gloo group alive can abort there ("terminate called without an active exception",
-    exit -6, pytorch#190489: gloo's worker threads still hold work items when the interpreter is gone), turning
-    a clean refusal into a crash. After an error (`clean=False`) only a gloo group is destroyed: that is local
-    to this process, while an NCCL group's teardown can wait on ranks still inside a collective."""
-    import sys
-
-    if "torch.distributed" not in sys.modules:  # nothing distributed ran: do not import torch for that
-        return
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    if clean or dist.get_backend() == "gloo":
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_ds_config(cfg: TrainConfig, world: int, cuda: bool) -> dict:
@@ -171,12 +81,13 @@ def build_model(cfg: TrainConfig, ds_config: dict, cuda: bool, rank: int):
     import transformers
     from transformers.integrations import HfDeepSpeedConfig
 
-    from cprec import attention
+    from cprec import attention, kernels
     from cprec.backbone import SMOLLM2, load_pretrained, smollm2_folder
 
     transformers.logging.set_verbosity_error()
     dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
     attn = attention.choose(cfg.model.attn, cuda)
+    kernels.check(cfg.model.kernels, cfg.model.compile_blocks, cfg.compile, cuda)  # before a minute of loading
     folder = None
     if cfg.model.config is None and cfg.model.name == SMOLLM2:
         # converted from GGUF before the ZeRO-3 config below exists (under it every model transformers builds,
@@ -200,6 +111,7 @@ def build_model(cfg: TrainConfig, ds_config: dict, cuda: bool, rank: int):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
         model = load_pretrained(folder, dtype=dtype, attn_implementation=attn)
+    kernels.apply(model, cfg.model.kernels, cfg.model.compile_blocks)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.config.use_cache = False

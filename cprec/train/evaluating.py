@@ -2,7 +2,7 @@
 model being trained is scored on a fixed, seeded sample of the downstream domains' *validation* users (under
 leave-one-out the item before the test item, under the chronological split the first item between the two
 cuts; the test split is never read), and an `eval` record goes to
-metrics.jsonl, TensorBoard and `plots/eval.png` (`cprec.train.metrics`).
+metrics.jsonl, TensorBoard and `plots/eval.png` (`cprec.train.metrics_log`).
 
 Contract:
 
@@ -31,10 +31,10 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from cprec.data.shards import read_index
+from cprec.data.shards import ShardSet, read_index
 from cprec.errors import CPRecError
-from cprec.eval.evaluate import EvalConfig
-from cprec.train.metrics import read_metrics
+from cprec.eval.config import EvalConfig
+from cprec.train.metrics_log import read_metrics
 
 IN_TRAINING_PROTOCOLS = ("sampled", "full")
 
@@ -63,39 +63,40 @@ class TrainEvalConfig(EvalConfig):
             raise CPRecError(f"eval.split must be valid: training never looks at the test split, got '{self.split}'")
 
 
-def prepared_of(cfg: TrainEvalConfig, shards: str) -> Path:
-    """`eval.prepared`, else the prepared directory recorded in the shards' index."""
+def prepared_of(cfg: TrainEvalConfig, shards: str, index: dict | None = None) -> Path:
+    """`eval.prepared`, else the prepared directory recorded in the shards' index (read here unless given)."""
     if cfg.prepared:
         return Path(cfg.prepared)
-    source = read_index(Path(shards)).get("source", {}).get("prepared")
+    source = (index if index is not None else read_index(Path(shards))).get("source", {}).get("prepared")
     if not source:
         raise CPRecError(f"{shards}/index.json does not name its prepared directory: set eval.prepared")
     return Path(source)
 
 
-def tokenizer_folder(run_model: Path | None, shards: str) -> Path:
+def tokenizer_folder(run_model: Path | None, shards: str, index: dict) -> Path:
     """The run's tokenizer (model/ holds it when the model came from a folder), else the shards' own."""
     from cprec.backbone import packed_tokenizer
 
     if run_model is not None and any((run_model / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
         return run_model
-    return packed_tokenizer(read_index(Path(shards)), where=f"the shards of {shards}")
+    return packed_tokenizer(index, where=f"the shards of {shards}")
 
 
 class TrainingEval:
     """The in-training evaluation of one rank; `run` is collective (every rank calls it at the same steps)."""
 
-    def __init__(self, cfg: TrainEvalConfig, shards: str, tokenizer: Path | None, rank: int, world: int,
+    def __init__(self, cfg: TrainEvalConfig, shards: ShardSet, tokenizer: Path | None, rank: int, world: int,
                  total_steps: int):
         self.cfg, self.rank, self.world, self.total = cfg, rank, world, total_steps
         self.active = cfg.every > 0
         if not self.active:
             return
         from cprec.backbone import load_tokenizer
-        from cprec.eval.evaluate import downstream_domains, resolve_device, sized_for
+        from cprec.eval.config import resolve_device, sized_for
+        from cprec.eval.downstream import downstream_domains
 
         cfg.validate()
-        self.prepared = prepared_of(cfg, shards)
+        self.prepared = prepared_of(cfg, str(shards.root), shards.index)
         _, domains = downstream_domains(self.prepared, cfg)  # names a missing or unknown domain now
         for domain in domains:
             from cprec.data.prepared import read_manifest
@@ -105,7 +106,7 @@ class TrainingEval:
                 raise CPRecError(f"eval: {self.prepared / 'downstream' / slug / 'valid.jsonl'} is missing")
         self.device, self.dtype = resolve_device(cfg.device, cfg.dtype)
         self.scoring = sized_for(replace(cfg), self.device)
-        self.tok = load_tokenizer(tokenizer_folder(tokenizer, shards))
+        self.tok = load_tokenizer(tokenizer_folder(tokenizer, str(shards.root), shards.index))
 
     def due(self, step: int) -> bool:
         return self.active and step > 0 and (step % self.cfg.every == 0 or step == self.total)

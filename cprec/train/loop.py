@@ -2,10 +2,11 @@
 stream, takes an optimizer step under the WSA schedule, and reports and checkpoints through the callbacks.
 
 Started once per rank by `deepspeed launch/train.py --config C`, `torchrun --nproc_per_node N
-launch/train.py --config C` or the Slurm script; `cprec train` runs the one-process case (`cprec.train.launch`).
-The pieces: `engine` (process group, DeepSpeed config, model), `step` (the loss and its statistics), `run`
+launch/train.py --config C` or the Slurm script; `cprec train` runs the one-process case (`cprec.train.arguments`).
+The pieces: `config` (TrainConfig), `engine` (DeepSpeed config, model; the process group is
+`cprec.process_group`'s), `step` (the loss and its statistics), `run`
 (the run directory: config hash, lineage, resume and branch rules), `checkpointing` (when and how a
-checkpoint is saved and loaded), `metrics` (metrics.jsonl, TensorBoard, plots), and the mixture plan
+checkpoint is saved and loaded), `metrics_log` (metrics.jsonl, TensorBoard, plots), and the mixture plan
 (`cprec.data.mixture`), resolved once and validated against the shards before the loader exists.
 
 Stop signals (SIGTERM, SIGUSR1) are noted by the handler and agreed on by all ranks after a step; the run
@@ -18,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,77 +26,19 @@ import torch
 from cprec import checkpoint as ckpt
 from cprec import staging
 from cprec import schedule as wsa
-from cprec.config import check_seed, to_dict
-from cprec.data.mixture import MixturePlan
-from cprec.data.shards import ShardSet
+from cprec.config import to_dict
 from cprec.data.stream import PackedStream
-from cprec.errors import CPRecError
-from cprec.schedule import ScheduleConfig
-from cprec.tracking import WandbConfig, start_wandb
+from cprec.tracking import start_wandb
 from cprec.train import run as runs
-from cprec.train.checkpointing import CheckpointConfig, Checkpointer, load_engine, refuse_unsafe_pickles
-from cprec.train.engine import (ZERO_STAGES, ModelConfig, OptimConfig, build_ds_config, build_model,
-                                init_distributed, zero_stage)
-from cprec.train.evaluating import TrainEvalConfig, TrainingEval
-from cprec.train.metrics import MetricsLog, finite, mfu
+from cprec.train.checkpointing import Checkpointer, load_engine
+from cprec.train.config import TrainConfig
+from cprec.process_group import init_distributed
+from cprec.train.engine import build_model, zero_stage
+from cprec.train.evaluating import TrainingEval
+from cprec.train.metrics_log import MetricsLog, finite, mfu
 from cprec.train.step import TrainStep, check_chunkable
 
-TASKS = ("pretrain", "sft")  # which kind of packed stream the default mixture takes
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # save at the next step boundary, then exit 0
-
-
-@dataclass
-class TrainConfig:
-    run_dir: str = "runs/train"  # the run directory: config, lineage, model/, metrics, checkpoints, plots
-    shards: str = ""  # a `cprec pack` output (recorded as an absolute path)
-    task: str = "pretrain"  # pretrain: continual pre-training; sft: fine-tuning (default mixture: the sft streams)
-    model: ModelConfig = field(default_factory=ModelConfig)  # the backbone
-    deepspeed: str = "auto"  # a DeepSpeed JSON; auto: zero3_bf16.json on GPUs, zero3_fp32_cpu.json on CPUs
-    global_batch: int = 8  # rows of seq_len tokens per optimizer step, fixed for the run
-    micro_batch: int = 1  # rows per forward pass and rank
-    zero_stage: int | None = None  # 1, 2 or 3 overrides the DeepSpeed config's stage (see cprec/train/engine.py)
-    loss_chunk_tokens: int = 0  # > 0: the loss computes logits this many tokens at a time (cprec/train/step.py)
-    compile: bool = False  # torch.compile the model through DeepSpeed (DeepCompile if the DeepSpeed JSON enables it)
-    grad_accum: int | None = None  # default: global_batch / (world size * micro_batch)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # Warmup-Stable-Annealing (cprec/schedule.py)
-    mixture: dict[str, float] = field(default_factory=dict)  # default: the streams of the task's kind by their rows
-    phase_mixtures: dict[str, dict[str, float]] = field(default_factory=dict)  # e.g. {anneal: {mixed: 1}}
-    seed: int = 0  # the data order and the model initialisation
-    optim: OptimConfig = field(default_factory=OptimConfig)  # AdamW
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # saves, retention, branch points
-    eval: TrainEvalConfig = field(default_factory=TrainEvalConfig)  # recommendation metric during training
-    loader_workers: int = 0  # DataLoader worker processes (0: the main process reads)
-    log_every: int = 1  # steps between metrics.jsonl records
-    tensorboard: bool = False  # also log to run/tensorboard/
-    wandb: WandbConfig | None = None  # Weights & Biases: {project, name, mode}; see cprec/tracking.py
-    plots: bool = True  # draw run/plots/*.png at the end
-    max_steps: int | None = None  # stop after this many steps in this process (the schedule is unchanged)
-
-    def validate(self) -> None:
-        check_seed(self.seed)
-        if not self.shards:
-            raise CPRecError("set shards: a directory written by `cprec pack`")
-        if self.task not in TASKS:
-            raise CPRecError(f"task must be one of {', '.join(TASKS)}, got '{self.task}'")
-        if self.model.name is None and self.model.config is None:
-            raise CPRecError("set model.name (a folder or smollm2) or model.config")
-        unknown = set(self.phase_mixtures) - set(wsa.PHASES)
-        if unknown:
-            raise CPRecError(f"phase_mixtures names unknown phase '{sorted(unknown)[0]}' (phases: "
-                             f"{', '.join(wsa.PHASES)})")
-        if self.global_batch < 1 or self.micro_batch < 1:
-            raise CPRecError("global_batch and micro_batch must be at least 1")
-        if self.schedule.total_steps < 1:
-            raise CPRecError("the schedule has no steps (schedule.warmup_steps + stable_steps + anneal_steps = 0): "
-                             "nothing would be trained")
-        if self.zero_stage is not None and self.zero_stage not in ZERO_STAGES:
-            raise CPRecError(f"zero_stage must be one of {', '.join(map(str, ZERO_STAGES))} (or unset: the DeepSpeed "
-                             f"config's stage), got {self.zero_stage!r}")
-        if self.loss_chunk_tokens < 0:
-            raise CPRecError(f"loss_chunk_tokens must be >= 0 (0: whole logits), got {self.loss_chunk_tokens}")
-        if self.max_steps is not None and self.max_steps < 0:
-            raise CPRecError(f"max_steps must be >= 0, got {self.max_steps}")
-        self.eval.validate()
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:
@@ -112,42 +54,21 @@ class Trainer:
         import deepspeed
 
         self.rank, self.world, self.cuda = init_distributed()
-        self.run = Path(cfg.run_dir)
-        self.ckpt_root = self.run / "checkpoints"
-        self.lineage, parent_state = dict(runs.NO_PARENT), None
-        if anneal_from is not None:
-            self.lineage, parent_state = runs.new_branch(anneal_from, anneal_steps, anneal_mixture, anneal_shape,
-                                                         self.ckpt_root)
-        elif resume:
-            self.lineage = runs.read_lineage(self.run)
-        elif ckpt.complete_tags(self.ckpt_root):
-            raise CPRecError(f"{self.run} already holds checkpoints; pass --resume to continue it or choose "
-                             f"another run_dir")
-        self.cfg = cfg = runs.branch_config(runs.absolute_paths(cfg), self.lineage)
-        self.schedule, self.hash = cfg.schedule, runs.config_hash(cfg)
-        self.plan = MixturePlan.resolve(ShardSet(cfg.shards).streams, cfg.task, cfg.mixture, cfg.phase_mixtures)
-        if self.rank == 0:
-            runs.open_directory(self.run)
-        torch.distributed.barrier()
-        # everything that can refuse a resume is checked before anything of the run is written
-        resume_tag = runs.resume_tag(self.ckpt_root, self.rank, self.world) if resume else None
-        self.ds_config = build_ds_config(cfg, self.world, self.cuda)
-        if resume_tag is not None:
-            runs.check_same_config(self.run, self.ckpt_root / resume_tag, cfg, self.hash)
-            runs.check_same_zero_stage(self.ckpt_root / resume_tag, zero_stage(self.ds_config))
-            refuse_unsafe_pickles(self.ckpt_root / resume_tag, self.rank, self.world)
-        elif anneal_from is not None:
-            runs.check_same_zero_stage(Path(anneal_from), zero_stage(self.ds_config))
-            refuse_unsafe_pickles(Path(anneal_from), self.rank, self.world)
+        # one call settles the run and checks all that can refuse it, before anything of it is written
+        opened = runs.open_run(cfg, self.rank, self.world, self.cuda, resume,
+                               runs.Branch(anneal_from, anneal_steps, anneal_mixture, anneal_shape))
+        self.cfg = cfg = opened.cfg
+        self.run, self.ckpt_root, self.lineage, self.hash = opened.run, opened.ckpt_root, opened.lineage, opened.hash
+        self.schedule, self.ds_config, shards, self.plan = cfg.schedule, opened.ds_config, opened.shards, opened.plan
 
         model, folder, self._hf_ds = build_model(cfg, self.ds_config, self.cuda, self.rank)
-        runs.check_vocabulary(cfg.shards, model.config.vocab_size)
+        runs.check_vocabulary(shards, model.config.vocab_size)
         if cfg.loss_chunk_tokens:
             check_chunkable(model.config)
-        self.evaluator = TrainingEval(cfg.eval, cfg.shards, folder, self.rank, self.world, self.schedule.total_steps)
+        self.evaluator = TrainingEval(cfg.eval, shards, folder, self.rank, self.world, self.schedule.total_steps)
         self.n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
         if self.rank == 0:
-            runs.write_run_files(self.run, cfg, model.config, folder or runs.packed_tokenizer_or_none(cfg.shards),
+            runs.write_run_files(self.run, cfg, model.config, folder or runs.packed_tokenizer_or_none(shards),
                                  self.lineage)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                                  config=self.ds_config)
@@ -156,15 +77,15 @@ class Trainer:
             self.engine.compile()
         first = self.plan.data_phase("warmup")
         self.stream = PackedStream(cfg.shards, self.plan.mixture(first), cfg.seed, cfg.global_batch, self.rank,
-                                   self.world, phase=first)
+                                   self.world, phase=first, index=shards.index)
         self.train_step = TrainStep(self.engine, self.world, self.stream.stream_names, cfg.loss_chunk_tokens)
         self.checkpointer = Checkpointer(cfg.checkpoint, self.ckpt_root, self.schedule, self.rank, self.world)
         self.step = 0
-        self.resumed = resume_tag is not None
-        if resume_tag is not None:
-            self._restore(self.ckpt_root, resume_tag)
-        elif parent_state is not None:
-            self._restore(Path(anneal_from).parent, Path(anneal_from).name)
+        self.resumed = opened.resume_tag is not None
+        if opened.resume_tag is not None:
+            self._restore(self.ckpt_root, opened.resume_tag)
+        elif opened.parent is not None:
+            self._restore(opened.parent.parent, opened.parent.name)
         self._stop_signal = None
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_signal)

@@ -17,13 +17,12 @@ written (a user's folder is never overwritten).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+from dataclasses import dataclass
 import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import yaml
@@ -32,12 +31,11 @@ from cprec import checkpoint as ckpt
 from cprec import staging
 from cprec import schedule as wsa
 from cprec.config import to_dict
+from cprec.data.mixture import MixturePlan
 from cprec.data.shards import ShardSet
 from cprec.errors import CPRecError
 from cprec.schedule import ScheduleConfig
-
-if TYPE_CHECKING:
-    from cprec.train.loop import TrainConfig
+from cprec.train.config import TrainConfig
 
 # keys whose change does not change what a resumed run computes
 # (the ZeRO stage and the loss's chunking change how a step is computed, not what, beyond fp32 rounding;
@@ -54,26 +52,67 @@ def config_hash(cfg: TrainConfig) -> str:
     return hashlib.sha256(json.dumps(semantic, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
-    """`key: old -> new` for every leaf that differs between two config dicts."""
-    out = []
-    for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key), b.get(key)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += config_differences(va, vb, f"{prefix}{key}.")
-        elif va != vb:
-            out.append(f"{prefix}{key}: {va!r} -> {vb!r}")
-    return out
+# ---------------------------------------------------------------- opening a run
+
+@dataclass
+class Branch:
+    """`--anneal-from CKPT --anneal-steps N [--mixture] [--shape]`; `source` None: not a branch."""
+    source: str | None = None
+    steps: int | None = None
+    mixture: dict | None = None
+    shape: str | None = None
 
 
-@contextlib.contextmanager
-def writing(run: Path):
-    """Name the run directory when writing into it fails (a read-only or full disk), not a bare OSError."""
-    try:
-        yield
-    except OSError as exc:
-        raise CPRecError(f"cannot write the run directory {run}: {exc.strerror or exc} "
-                         f"({exc.filename or run}); choose a writable run_dir or make room") from None
+@dataclass
+class OpenedRun:
+    """What a run is, settled by `open_run` on every rank."""
+    cfg: TrainConfig  # the resolved config: absolute paths, a branch's schedule and mixture
+    run: Path
+    lineage: dict
+    hash: str
+    shards: ShardSet  # its index read once, for the mixture, the checks, the evaluation and the stream
+    plan: MixturePlan  # the mixture of each phase, checked against the shards
+    ds_config: dict
+    resume_tag: str | None  # the checkpoint this run resumes from
+    parent: Path | None  # the stable-phase checkpoint a branch starts from
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.run / "checkpoints"
+
+
+def open_run(cfg: TrainConfig, rank: int, world: int, cuda: bool, resume: bool, branch: Branch) -> OpenedRun:
+    """Collective: settle the run (new, resumed or a branch), open its directory (rank 0) and check everything
+    that can refuse it, before anything of the run is written."""
+    from cprec.train.checkpointing import refuse_unsafe_pickles
+    from cprec.train.engine import build_ds_config, zero_stage
+
+    run = Path(cfg.run_dir)
+    ckpt_root = run / "checkpoints"
+    lineage, parent = dict(NO_PARENT), None
+    if branch.source is not None:
+        lineage, _ = new_branch(branch.source, branch.steps, branch.mixture, branch.shape, ckpt_root)
+        parent = Path(branch.source)
+    elif resume:
+        lineage = read_lineage(run)
+    elif ckpt.complete_tags(ckpt_root):
+        raise CPRecError(f"{run} already holds checkpoints; pass --resume to continue it or choose another run_dir")
+    cfg = branch_config(absolute_paths(cfg), lineage)
+    shards = ShardSet(cfg.shards)
+    plan = MixturePlan.resolve(shards.streams, cfg.task, cfg.mixture, cfg.phase_mixtures)
+    if rank == 0:
+        open_directory(run)
+    torch.distributed.barrier()
+    tag = resume_tag(ckpt_root, rank, world) if resume else None
+    ds_config = build_ds_config(cfg, world, cuda)
+    hash_ = config_hash(cfg)
+    if tag is not None:
+        check_same_config(run, ckpt_root / tag, cfg, hash_)
+    checked = ckpt_root / tag if tag is not None else parent
+    if checked is not None:
+        check_same_zero_stage(checked, zero_stage(ds_config))
+        refuse_unsafe_pickles(checked, rank, world)
+    return OpenedRun(cfg, run, lineage, hash_, shards, plan, ds_config, tag, parent)
 
 
 # ---------------------------------------------------------------- lineage and branches
@@ -152,7 +191,7 @@ def check_same_config(run: Path, checkpoint: Path, cfg: TrainConfig, hash_: str)
     if state["config_hash"] == hash_:
         return
     saved = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
-    diff = config_differences({k: v for k, v in saved.items() if k not in NON_SEMANTIC},
+    diff = staging.differences({k: v for k, v in saved.items() if k not in NON_SEMANTIC},
                               {k: v for k, v in to_dict(cfg).items() if k not in NON_SEMANTIC})
     if state["stream"]["fingerprint"] == ShardSet(cfg.shards).fingerprint:
         # the same shards at another path (moved, or a relative path from another working folder): the
@@ -176,10 +215,10 @@ def check_same_zero_stage(checkpoint: Path, stage: int) -> None:
                          f"export the checkpoint and start a new run from it (model.name=EXPORTED_FOLDER)")
 
 
-def check_vocabulary(shards: str, model_vocab: int) -> None:
-    shards_vocab = ShardSet(shards).index["tokenizer"]["vocab_size"]
+def check_vocabulary(shards: ShardSet, model_vocab: int) -> None:
+    shards_vocab = shards.index["tokenizer"]["vocab_size"]
     if shards_vocab > model_vocab:
-        raise CPRecError(f"{shards} was packed with a tokenizer of {shards_vocab:,} tokens, more than the model's "
+        raise CPRecError(f"{shards.root} was packed with a tokenizer of {shards_vocab:,} tokens, more than the model's "
                          f"vocabulary ({model_vocab:,}): its token ids would index past the embeddings; pack with "
                          f"the model's tokenizer")
 
@@ -198,7 +237,7 @@ def open_directory(run: Path) -> None:
     """Rank 0, at start: the directory is new, empty or a run's (never a user's folder), exists, and saves
     killed half-way are gone."""
     staging.refuse_foreign(run, is_run, "CPRec run", "run_dir=")
-    with writing(run):
+    with staging.writing(run):
         run.mkdir(parents=True, exist_ok=True)
         staging.lock_folder(run)  # a second trainer on this run_dir is refused, naming this one
         removed = ckpt.remove_incomplete(run / "checkpoints")
@@ -209,8 +248,8 @@ def open_directory(run: Path) -> None:
 def write_run_files(run: Path, cfg: TrainConfig, model_config, tokenizer_folder: Path | None, lineage: dict) -> None:
     """Rank 0, once the run is accepted: lineage.json (first: it marks the folder as a run), config.yaml, and
     model/ (config and tokenizer, for export)."""
-    with writing(run):
-        ckpt.write_json_atomic(run / RUN_MARKER, {**lineage, "config_hash": config_hash(cfg)})
+    with staging.writing(run):
+        staging.write_json_atomic(run / RUN_MARKER, {**lineage, "config_hash": config_hash(cfg)})
         (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         model_dir = run / "model"
         model_dir.mkdir(exist_ok=True)
@@ -221,14 +260,13 @@ def write_run_files(run: Path, cfg: TrainConfig, model_config, tokenizer_folder:
                     shutil.copy(f, model_dir / f.name)
 
 
-def packed_tokenizer_or_none(shards: str) -> Path | None:
+def packed_tokenizer_or_none(shards: ShardSet) -> Path | None:
     """The tokenizer the shards were packed with, when it can be found and checks out against the index: a run
     of a model built from model.config keeps it in model/, so its exports can be evaluated (cprec sweep)."""
     from cprec.backbone import packed_tokenizer
-    from cprec.data.shards import read_index
 
     try:
-        return packed_tokenizer(read_index(Path(shards)))
+        return packed_tokenizer(shards.index)
     except CPRecError:
         return None  # e.g. random test shards: no tokenizer, as before; evaluation then names what is missing
 

@@ -6,7 +6,8 @@ import sys
 import torch
 
 from cprec.config import load_config
-from cprec.train.loop import TrainConfig, Trainer
+from cprec.train.config import TrainConfig
+from cprec.train.loop import Trainer
 
 config, out = sys.argv[1], sys.argv[2]
 cfg = load_config(TrainConfig, config, sys.argv[3:] + ["max_steps=0"])

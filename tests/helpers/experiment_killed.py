@@ -11,12 +11,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from cprec import experiment  # noqa: E402
+from cprec import staging  # noqa: E402
 from cprec.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     die_at = int(sys.argv[1])
-    mark = experiment.Stages.mark
+    mark = staging.Stages.mark
     written = []
 
     def mark_or_die(self, name, seconds, **info):
@@ -25,5 +25,5 @@ if __name__ == "__main__":
         written.append(name)
         return mark(self, name, seconds, **info)
 
-    experiment.Stages.mark = mark_or_die
+    staging.Stages.mark = mark_or_die
     sys.exit(main(sys.argv[2:]))

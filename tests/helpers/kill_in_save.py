@@ -10,7 +10,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from cprec import checkpoint  # noqa: E402
-from cprec.train.launch import main  # noqa: E402
+from cprec.train.arguments import main  # noqa: E402
 
 TAG = os.environ["KILL_IN_SAVE"]
 describe_files = checkpoint.describe_files

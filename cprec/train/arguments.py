@@ -21,7 +21,8 @@ import yaml
 
 from cprec.config import load_config, parse_overrides
 from cprec.errors import CPRecError
-from cprec.train.loop import TrainConfig, Trainer
+from cprec.train.config import TrainConfig
+from cprec.train.loop import Trainer
 
 
 def add_train_arguments(p) -> None:

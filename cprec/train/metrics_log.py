@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 
 from cprec.errors import CPRecError
-from cprec.train.run import writing
+from cprec.staging import writing
 
 # dense bf16 peak FLOP/s per GPU, for MFU; unknown devices report no MFU
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
