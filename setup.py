@@ -48,7 +48,7 @@ setup(
     extras_require={
         "gpu": ["flash-attn>=2.6"],
         "liger": ["liger-kernel>=0.5"],  # model.kernels: liger (cprec/kernels.py; needs CUDA and Triton)
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],  # the suite runs on every core (-n auto)
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],  # the suite runs on every core (-n auto; pyproject.toml)
         "wandb": ["wandb>=0.17"],  # `wandb:` in the training config (cprec/tracking.py)
     },
     entry_points={"console_scripts": ["cprec=cprec.cli:main"]},

@@ -15,7 +15,7 @@
      separates what the kernels gain from what the trainer costs;
   5. memory (issue 28): the peak GPU memory of two steps of the paper-scale recipe's model
      (launch/configs/amazon7_qwen1.5b.yaml: a Qwen2.5-1.5B architecture, random weights) at its micro-batch of
-     4 x 2048 tokens, gradient checkpointing on, on one GPU.
+     4 rows of --seq-len tokens (2048, as the recipe packs), gradient checkpointing on, on one GPU.
 
     python benchmarks/gpu_check.py [--steps 20] [--seq-len 2048] [--micro-batch 8] [--out DIR]
                                    [--parts packed,throughput,resume,levers,memory] [--attn sdpa]
@@ -268,7 +268,8 @@ def bare_loop(shards: Path, config: dict, micro: int, steps: int, cuda: bool, at
 def bare_row(shards: Path, config: dict, micro: int, steps: int, cuda: bool, model: dict) -> dict:
     """The bare loop given the model's attention and kernels, as a row of the levers table."""
     kernels, blocks = model.get("kernels", "none"), model.get("compile_blocks", False)
-    label = "bare torch loop" + "".join(f", {k}" for k, on in (("Liger", kernels == "liger"),
+    label = "bare torch loop" + "".join(f", {k}" for k, on in ((model["attn"], model["attn"] != "sdpa"),
+                                                                ("Liger", kernels == "liger"),
                                                                 ("compiled blocks", blocks)) if on)
     try:
         torch.cuda.reset_peak_memory_stats() if cuda else None

@@ -7,12 +7,15 @@
 # Needs beside the repository: .whl/ from benchmarks/gpu_experiment_prepare.sh plus liger-kernel's wheel (the
 # prepare script adds it). Results: $OUT/gpu_check.json and $OUT/gpu_throughput.log.
 #   LEVERS="label prefix;..." narrows part 1 (default: the four Liger + compiled-blocks settings, as ordered in
-#   benchmarks/gpu_check.py's LEVERS); STEPS, TIMEOUT (s per training run) shrink it (the CPU smoke test does).
+#   benchmarks/gpu_check.py's LEVERS); STEPS, TIMEOUT (s per training run) shrink it. CPU smoke test (the same
+#   code on a tiny config; Liger is refused there, by name, in its rows):
+#   WHEELS=none STEPS=5 TIMEOUT=600 OUT=/tmp/gt bash benchmarks/gpu_throughput.sh
 set -euo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+WHEELS=${WHEELS:-.whl}  # WHEELS=none: use this environment's packages (the CPU smoke test)
+if [ -d "$WHEELS" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl
   export PYTHONPATH=/tmp/site:$PWD
 fi
 export PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=/tmp/torch_extensions TRITON_CACHE_DIR=/tmp/triton

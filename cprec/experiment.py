@@ -154,15 +154,18 @@ def _semantic(cfg: ExperimentConfig) -> dict:
 def claim_folder(out: Path, cfg: ExperimentConfig) -> None:
     """Start or resume OUT: record the config, or refuse one that would change results (naming the keys)."""
     now = _semantic(cfg)  # loads the recipes with their overrides first: a bad one makes no folder
-    # the recipes' content is recorded since issue 25: an older marker is compared without it
-    staging.claim(out, MARKER, {"config": now}, "an experiment", may_change=lambda c: _may_change(out, c),
-                  since=("config.recipes",))
+    # recorded since issue 25 (the recipes' content) and issue 28 (the model's speed levers): an older record
+    # is compared without them
+    since = ["recipes", *(f"recipes.{stage}.model.{lever}" for stage in ("cpt", "sft")
+                          for lever in ("kernels", "compile_blocks"))]
+    staging.claim(out, MARKER, now, "an experiment", may_change=lambda c: _may_change(out, c), since=since,
+                  key="config")
 
 
 def _may_change(out: Path, difference: str) -> bool:
     """A changed key (`key: old -> new`) is accepted on resume when no stage that depends on it has finished:
     a corrected recipe override before its training ran, the bootstrap count (the report is always redone)."""
-    key = difference.split(":", 1)[0].removeprefix("config.").removeprefix("recipes.")
+    key = difference.split(":", 1)[0].removeprefix("recipes.")
     for prefix, stages in KEY_STAGES.items():
         if key.startswith(prefix):
             return not any(p.name.startswith(stages) for p in (out / "stages").glob("*.json")) if stages else True

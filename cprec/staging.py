@@ -199,37 +199,46 @@ def refuse_changed(out: Path, made_by: str, changed: list[str]) -> None:
 
 def claim(out: Path, record: str, settings: dict, made_by: str, *, is_own: Callable[[Path], bool] | None = None,
           may_change: Callable[[str], bool] = lambda difference: False, since: Iterable[str] = (),
-          lock: bool = True) -> dict | None:
+          key: str | None = None, lock: bool = True) -> dict | None:
     """Start `out` (recording `settings` in `out/record`) or resume it with the same settings; return the
     settings recorded before, or None for a new folder.
 
     `made_by` names the command's output ("an evaluation"); `is_own` says which folders without the record are
     still this command's (default: none); `may_change` accepts a changed key (`key: old -> new`) on resume;
-    `since` lists dotted keys that older records lack, left out of the comparison there. With `lock`, this
-    process holds the folder's lock from here on (a second writer is refused, naming this one)."""
+    `since` lists dotted keys that older records lack, left out of the comparison where they are absent; `key`
+    is the record's key that holds the settings (the experiment's `config`). The record is rewritten only when
+    an accepted change made it differ. With `lock`, this process holds the folder's lock from here on (a
+    second writer is refused, naming this one)."""
     path = out / record
     refuse_foreign(out, lambda folder: (folder / record).is_file() or bool(is_own and is_own(folder)),
                    made_by.split(" ", 1)[-1])
     before = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    if before is not None and key is not None:
+        before = before[key]
+    changed = []
     if before is not None:
         compared = settings
-        for key in since:
-            if _get(before, key) is None:
-                compared = _without(compared, key)
-        refuse_changed(out, made_by, [d for d in differences(before, compared) if not may_change(d)])
+        for dotted in since:
+            if _get(before, dotted) is _ABSENT:
+                compared = _without(compared, dotted)
+        changed = differences(before, compared)
+        refuse_changed(out, made_by, [d for d in changed if not may_change(d)])
     out.mkdir(parents=True, exist_ok=True)
     if lock:
         lock_folder(out)
-    if before != settings:  # new, or an accepted change: recorded, so a later change is judged by it
-        write_json_atomic(path, settings)
+    if before is None or changed:  # new, or an accepted change: recorded, so a later change is judged by it
+        write_json_atomic(path, settings if key is None else {key: settings})
     return before
+
+
+_ABSENT = object()
 
 
 def _get(settings: dict, dotted: str):
     for part in dotted.split("."):
-        if not isinstance(settings, dict):
-            return None
-        settings = settings.get(part)
+        if not isinstance(settings, dict) or part not in settings:
+            return _ABSENT
+        settings = settings[part]
     return settings
 
 

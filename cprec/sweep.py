@@ -50,7 +50,7 @@ class SweepSpec:
     run: Path
     anneal_steps: int
     out: Path
-    eval_cfg: object  # cprec.eval.evaluate.EvalConfig, split valid
+    eval_cfg: object  # cprec.eval.config.EvalConfig, split valid
     prepared: Path
     every: int | None = None
     steps: list[int] | None = None

@@ -1,4 +1,5 @@
 import gzip
+import os
 import shutil
 from pathlib import Path
 
@@ -44,6 +45,34 @@ def gzip_copy(src: Path, dst_dir: Path) -> Path:
 @pytest.fixture
 def fixtures():
     return FIXTURES
+
+
+# The suite runs on every core with pytest-xdist's `-n auto`, scheduled by file (`pytest_xdist_make_scheduler`
+# below: a file's tests stay on one worker with its module fixtures), files in collection order. The files
+# that start the most processes go first, longest first (measured 2026-12-07 on 2 cores), so that no worker is
+# left running one of them at the end while the others idle.
+HEAVY_FIRST = ("test_trainer.py", "test_faults.py", "test_train_eval.py", "test_faults_second.py",
+               "test_trainer_launch.py", "test_experiment.py", "test_install.py", "test_slurm.py", "test_sweep.py")
+
+
+# Each worker's processes get their share of the cores (a trainer or a test's own torch would otherwise take
+# every core each, and OpenMP threads that outnumber the cores spin); torchrun already gives its ranks 1.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Whole files to workers, in collection order (xdist would otherwise sort files by their number of tests)."""
+    from xdist.scheduler import LoadFileScheduling
+
+    config.option.loadscopereorder = False
+    return LoadFileScheduling(config, log)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    weight = {name: rank for rank, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: weight.get(item.path.name, len(HEAVY_FIRST)))  # stable: order within a file kept
 
 
 SMALL_WORLD = {"users": 300, "domains": 5, "items_per_domain": 40, "themes": 4, "interactions_per_user": 30,

@@ -115,3 +115,17 @@ def test_each_lever_gives_the_plain_losses_within_bf16_over_20_steps(work, tmp_p
     got = [r["loss"] for r in metrics(work / f"lever_{tmp_path.name}")]
     assert len(got) == len(want) == 20
     assert got == pytest.approx(want, rel=2e-2, abs=2e-2)  # bf16: ~3 significant digits per op
+
+
+def test_the_levers_leave_a_runs_hash_alone_so_runs_made_before_them_resume():
+    from cprec.config import to_dict
+    from cprec.train.run import config_hash, semantic
+
+    plain = from_dict(TrainConfig, {"shards": "x"})
+    levers = from_dict(TrainConfig, {"shards": "x", "model": {"kernels": "liger", "compile_blocks": True}})
+    assert config_hash(plain) == config_hash(levers)  # how a step is computed, not what
+    older = to_dict(plain)
+    for key in ("kernels", "compile_blocks"):
+        del older["model"][key]  # a run's config.yaml from before the keys existed
+    assert semantic(older) == semantic(to_dict(plain))
+    assert config_hash(plain) != config_hash(from_dict(TrainConfig, {"shards": "x", "model": {"attn": "eager"}}))

@@ -44,12 +44,22 @@ NON_SEMANTIC = {"run_dir", "checkpoint", "loader_workers", "log_every", "tensorb
                 "zero_stage", "loss_chunk_tokens", "compile", "eval",
                 # how a global batch is cut into passes: the same rows, the same mean gradient (elastic resume)
                 "micro_batch", "grad_accum"}
+# nested keys of the same kind: the model's speed levers (cprec/kernels.py); left out of the hash, a run made
+# before they existed keeps its hash
+NON_SEMANTIC_MODEL = {"kernels", "compile_blocks"}
 NO_PARENT = {"parent": None}
 
 
+def semantic(config: dict) -> dict:
+    """A config dict less the keys that do not change what a run computes."""
+    out = {k: v for k, v in config.items() if k not in NON_SEMANTIC}
+    if isinstance(out.get("model"), dict):
+        out["model"] = {k: v for k, v in out["model"].items() if k not in NON_SEMANTIC_MODEL}
+    return out
+
+
 def config_hash(cfg: TrainConfig) -> str:
-    semantic = {k: v for k, v in to_dict(cfg).items() if k not in NON_SEMANTIC}
-    return hashlib.sha256(json.dumps(semantic, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(semantic(to_dict(cfg)), sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------- opening a run
@@ -84,6 +94,7 @@ class OpenedRun:
 def open_run(cfg: TrainConfig, rank: int, world: int, cuda: bool, resume: bool, branch: Branch) -> OpenedRun:
     """Collective: settle the run (new, resumed or a branch), open its directory (rank 0) and check everything
     that can refuse it, before anything of the run is written."""
+    from cprec import kernels
     from cprec.train.checkpointing import refuse_unsafe_pickles
     from cprec.train.engine import build_ds_config, zero_stage
 
@@ -98,6 +109,7 @@ def open_run(cfg: TrainConfig, rank: int, world: int, cuda: bool, resume: bool, 
     elif ckpt.complete_tags(ckpt_root):
         raise CPRecError(f"{run} already holds checkpoints; pass --resume to continue it or choose another run_dir")
     cfg = branch_config(absolute_paths(cfg), lineage)
+    kernels.check(cfg.model.kernels, cfg.model.compile_blocks, cfg.compile, cuda)  # no CUDA, Triton, ...
     shards = ShardSet(cfg.shards)
     plan = MixturePlan.resolve(shards.streams, cfg.task, cfg.mixture, cfg.phase_mixtures)
     if rank == 0:
@@ -191,8 +203,7 @@ def check_same_config(run: Path, checkpoint: Path, cfg: TrainConfig, hash_: str)
     if state["config_hash"] == hash_:
         return
     saved = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
-    diff = staging.differences({k: v for k, v in saved.items() if k not in NON_SEMANTIC},
-                              {k: v for k, v in to_dict(cfg).items() if k not in NON_SEMANTIC})
+    diff = staging.differences(semantic(saved), semantic(to_dict(cfg)))
     if state["stream"]["fingerprint"] == ShardSet(cfg.shards).fingerprint:
         # the same shards at another path (moved, or a relative path from another working folder): the
         # fingerprint is what the sample order depends on, so the path may change
