@@ -62,12 +62,6 @@ if _WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
 
-def pytest_xdist_auto_num_workers(config):
-    """`-n auto`: a worker per core, plus one, since a worker spends much of its time waiting on the processes
-    it started (measured on 2 cores, 2026-12-07: two workers kept the cores 172% busy)."""
-    return (os.cpu_count() or 1) + 1
-
-
 def pytest_xdist_make_scheduler(config, log):
     """Whole files to workers, in collection order (xdist would otherwise sort files by their number of tests)."""
     from xdist.scheduler import LoadFileScheduling
