@@ -204,18 +204,22 @@ SCHEDULE = {"peak_lr": 0.003, "min_lr": 0.0003, "warmup_steps": 2, "stable_steps
 TOTAL = 10
 
 
-@pytest.fixture(scope="session")
-def work(tmp_path_factory):
-    """Random shards and `tiny.yaml`: a tiny Llama, 10 steps of 8 rows over three streams. Tests add runs."""
+def tiny_work(root: Path, schedule: dict, **settings) -> Path:
+    """ROOT with random shards (three streams) and `tiny.yaml`: a tiny Llama, 8 rows per step over the three
+    streams, `schedule`, and `settings` on top. Tests add runs to ROOT."""
     from cprec.data.shards import write_random_shardset
 
-    root = tmp_path_factory.mktemp("trainer")
     write_random_shardset(root / "shards", {"a": 200, "b": 100, "mixed": 60}, seq_len=32, shard_rows=16, vocab=128)
     config = {"shards": str(root / "shards"), "model": {"name": None, "config": TINY}, "global_batch": 8,
-              "micro_batch": 2, "schedule": SCHEDULE, "mixture": {"a": 0.5, "b": 0.3, "mixed": 0.2},
-              "checkpoint": {"every": 100, "keep_last": 100}}
+              "micro_batch": 2, "schedule": schedule, "mixture": {"a": 0.5, "b": 0.3, "mixed": 0.2}, **settings}
     (root / "tiny.yaml").write_text(yaml.safe_dump(config))
     return root
+
+
+@pytest.fixture(scope="session")
+def work(tmp_path_factory):
+    """`tiny_work` for 10 steps. Tests add runs."""
+    return tiny_work(tmp_path_factory.mktemp("trainer"), SCHEDULE, checkpoint={"every": 100, "keep_last": 100})
 
 
 def train_tiny(work: Path, run: str, *args, **kwargs):

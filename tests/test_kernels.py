@@ -98,6 +98,7 @@ def test_the_trainer_takes_compiled_blocks_and_refuses_liger_on_a_cpu(work):
     proc = run_cli("train", "--config", work / "tiny.yaml", f"run_dir={work / 'liger_cpu'}", "model.kernels=liger",
                    check=False)
     assert proc.returncode == 2 and "model.kernels=liger needs a CUDA GPU" in proc.stderr, proc.stderr[-2000:]
+    assert not (work / "liger_cpu").exists()  # refused before the run folder is made
 
 
 @pytest.mark.slow

@@ -15,11 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from cprec import checkpoint as ckpt
-from cprec.data.shards import write_random_shardset
-from tests.helpers import TINY, free_port
+from tests.conftest import tiny_work
+from tests.helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 # long enough a stable phase that the warning signal, sent after a few steps, lands well before the end
@@ -31,13 +30,8 @@ BRANCH_EVERY = 20  # the straight run keeps the stable checkpoints at steps 20, 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    root = tmp_path_factory.mktemp("slurm_work")
-    write_random_shardset(root / "shards", {"a": 200, "b": 100, "mixed": 60}, seq_len=32, shard_rows=16, vocab=128)
-    config = {"shards": str(root / "shards"), "model": {"name": None, "config": TINY}, "global_batch": 8,
-              "micro_batch": 2, "schedule": SCHEDULE, "mixture": {"a": 0.5, "b": 0.3, "mixed": 0.2},
-              "checkpoint": {"every": 1000, "keep_last": 2}, "plots": False}
-    (root / "tiny.yaml").write_text(yaml.safe_dump(config))
-    return root
+    return tiny_work(tmp_path_factory.mktemp("slurm_work"), SCHEDULE, checkpoint={"every": 1000, "keep_last": 2},
+                     plots=False)
 
 
 def submit(cluster, work: Path, script: str, *args: str, sbatch_options: tuple = (), env: dict | None = None) -> str:

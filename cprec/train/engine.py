@@ -87,7 +87,6 @@ def build_model(cfg: TrainConfig, ds_config: dict, cuda: bool, rank: int):
     transformers.logging.set_verbosity_error()
     dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
     attn = attention.choose(cfg.model.attn, cuda)
-    kernels.check(cfg.model.kernels, cfg.model.compile_blocks, cfg.compile, cuda)  # before a minute of loading
     folder = None
     if cfg.model.config is None and cfg.model.name == SMOLLM2:
         # converted from GGUF before the ZeRO-3 config below exists (under it every model transformers builds,
@@ -111,7 +110,7 @@ def build_model(cfg: TrainConfig, ds_config: dict, cuda: bool, rank: int):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
         model = load_pretrained(folder, dtype=dtype, attn_implementation=attn)
-    kernels.apply(model, cfg.model.kernels, cfg.model.compile_blocks)
+    kernels.apply(model, cfg.model.kernels, cfg.model.compile_blocks)  # checked by run.open_run
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.config.use_cache = False

@@ -119,7 +119,7 @@ def open_run(cfg: TrainConfig, rank: int, world: int, cuda: bool, resume: bool, 
     ds_config = build_ds_config(cfg, world, cuda)
     hash_ = config_hash(cfg)
     if tag is not None:
-        check_same_config(run, ckpt_root / tag, cfg, hash_)
+        check_same_config(run, ckpt_root / tag, cfg, hash_, shards.fingerprint)
     checked = ckpt_root / tag if tag is not None else parent
     if checked is not None:
         check_same_zero_stage(checked, zero_stage(ds_config))
@@ -197,14 +197,14 @@ def resume_tag(ckpt_root: Path, rank: int, world: int) -> str | None:
     return None
 
 
-def check_same_config(run: Path, checkpoint: Path, cfg: TrainConfig, hash_: str) -> None:
+def check_same_config(run: Path, checkpoint: Path, cfg: TrainConfig, hash_: str, fingerprint: str) -> None:
     """Refuse a resume whose config computes something else, naming the changed keys."""
     state = ckpt.read_state(checkpoint)
     if state["config_hash"] == hash_:
         return
     saved = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
     diff = staging.differences(semantic(saved), semantic(to_dict(cfg)))
-    if state["stream"]["fingerprint"] == ShardSet(cfg.shards).fingerprint:
+    if state["stream"]["fingerprint"] == fingerprint:  # the shards' (their index read once, in open_run)
         # the same shards at another path (moved, or a relative path from another working folder): the
         # fingerprint is what the sample order depends on, so the path may change
         diff = [d for d in diff if not d.startswith("shards:")]
