@@ -197,32 +197,31 @@ def test_the_shipped_experiment_config_and_its_sizes_load():
 
 @pytest.mark.slow
 def test_recipe_overrides_are_checked_first_and_a_correction_is_taken_before_its_stage(config, tmp_path):
-    out = tmp_path / "exp"
-    proc = cprec("experiment", "--config", config, "--out", out, "cpt.overrides=[schedule.peak_lrr=0.1]",
-                 check=False)
-    assert proc.returncode == 2 and "peak_lrr" in proc.stderr and not out.exists()  # no folder made
-    proc = cprec("experiment", "--config", config, "--out", out, "seeds=[-1]", check=False)
-    assert proc.returncode == 2 and "seeds must be a whole number from 0" in proc.stderr
-    # killed after prepare and pack (the 3rd marker would be the backbone's): the CPT recipe may still change
-    cprec("3", "experiment", "--config", config, "--out", out, "models=[base,cpt]", helper="experiment_killed.py",
-          check=False)
-    assert sorted(p.name for p in (out / "stages").glob("*.json")) == ["pack.json", "prepare.json"]
-    proc = cprec("experiment", "--config", config, "--out", out, "models=[base,cpt]", "bootstrap=100",
-                 "cpt.overrides=[global_batch=8, micro_batch=8, plots=false, schedule.peak_lr=0.002, "
-                 "schedule.min_lr=0.0003, checkpoint.every=1000, schedule.warmup_steps=2, "
-                 "schedule.stable_steps=12, schedule.anneal_steps=4]")
-    recorded = json.loads((out / "experiment.json").read_text())["config"]
-    assert recorded["recipes"]["cpt"]["schedule"]["peak_lr"] == 0.002 and recorded["bootstrap"] == 100
-    # now that CPT has run, the same change is refused, and so is an edit of the recipe file's content
-    proc = cprec("experiment", "--config", config, "--out", out, "models=[base,cpt]", "bootstrap=100", check=False)
-    assert proc.returncode == 2 and "recipes.cpt.schedule.peak_lr: 0.002 -> 0.003" in proc.stderr
     recipe = tmp_path / "recipe.yaml"  # the CPT recipe, as a file of the user's
     shutil.copy(REPO / "launch" / "configs" / "quickstart.yaml", recipe)
     cfg = yaml.safe_load(config.read_text())
     cfg["cpt"]["config"], cfg["models"] = str(recipe), ["base", "cpt"]
     edited = tmp_path / "edited.yaml"
     edited.write_text(yaml.safe_dump(cfg))
-    cprec("experiment", "--config", edited, "--out", tmp_path / "e2")
+    out = tmp_path / "exp"
+    proc = cprec("experiment", "--config", edited, "--out", out, "cpt.overrides=[schedule.peak_lrr=0.1]",
+                 check=False)
+    assert proc.returncode == 2 and "peak_lrr" in proc.stderr and not out.exists()  # no folder made
+    proc = cprec("experiment", "--config", edited, "--out", out, "seeds=[-1]", check=False)
+    assert proc.returncode == 2 and "seeds must be a whole number from 0" in proc.stderr
+    # killed after prepare and pack (the 3rd marker would be the backbone's): the CPT recipe may still change
+    cprec("3", "experiment", "--config", edited, "--out", out, helper="experiment_killed.py", check=False)
+    assert sorted(p.name for p in (out / "stages").glob("*.json")) == ["pack.json", "prepare.json"]
+    corrected = ["bootstrap=100", "cpt.overrides=[global_batch=8, micro_batch=8, plots=false, schedule.peak_lr=0.002, "
+                 "schedule.min_lr=0.0003, checkpoint.every=1000, schedule.warmup_steps=2, "
+                 "schedule.stable_steps=12, schedule.anneal_steps=4]"]
+    cprec("experiment", "--config", edited, "--out", out, *corrected)
+    recorded = json.loads((out / "experiment.json").read_text())["config"]
+    assert recorded["recipes"]["cpt"]["schedule"]["peak_lr"] == 0.002 and recorded["bootstrap"] == 100
+    # now that CPT has run, the same change is refused, and so is an edit of the recipe file's content
+    proc = cprec("experiment", "--config", edited, "--out", out, "bootstrap=100", check=False)
+    assert proc.returncode == 2 and "recipes.cpt.schedule.peak_lr: 0.002 -> 0.003" in proc.stderr
     recipe.write_text(recipe.read_text().replace("anneal_shape: exponential", "anneal_shape: linear"))
-    proc = cprec("experiment", "--config", edited, "--out", tmp_path / "e2", check=False)
+    proc = cprec("experiment", "--config", edited, "--out", out, *corrected, check=False)
     assert proc.returncode == 2 and "recipes.cpt.schedule.anneal_shape: 'exponential' -> 'linear'" in proc.stderr
+    assert "peak_lr" not in proc.stderr  # only what changed is named

@@ -878,42 +878,7 @@ def test_staging_commit_never_replaces_a_folder_filled_while_the_stage_ran(tmp_p
 
 
 # ================================================================ anneal sweeps
-# (section E)
-
-@pytest.mark.slow
-def test_a_sweep_killed_half_way_redoes_nothing_finished(sweep_parent, tmp_path):
-    """Fault: a sweep job killed while a branch was half-trained. The branch trainer is killed (SIGKILL) in
-    the middle of saving the second branch's checkpoint 10 (tests/helpers/kill_in_save.py as the launcher).
-    The re-run must not touch the finished first branch, must resume the second from its last complete
-    checkpoint (9) rather than start it again (step 9's record is kept as it was), and must give what an
-    uninterrupted sweep gives."""
-    from tests.conftest import SWEEP_ARGS
-
-    out = tmp_path / "sweep"
-    launcher = f"{_sys.executable} {REPO / 'tests' / 'helpers' / 'kill_in_save.py'}"
-    killed = run_cli("sweep", sweep_parent, *SWEEP_ARGS, "--out", out, "--launcher", launcher,
-                     env={"KILL_IN_SAVE": _ckpt.tag_for(10)}, check=False)
-    refused(killed, "training the branch from step 8 stopped", "run the same sweep again to resume it")
-    first, second = out / _ckpt.tag_for(4), out / _ckpt.tag_for(8)
-    assert (first / "branch.json").is_file() and not (second / "branch.json").exists()
-    assert _ckpt.latest_complete(second / "run" / "checkpoints") == _ckpt.tag_for(9)
-    finished = {p: p.stat().st_mtime_ns for p in first.rglob("*") if p.is_file()}
-    step9 = (second / "run" / "metrics.jsonl").read_text().splitlines()[0]  # its seconds are this run's own
-
-    resumed = run_cli("sweep", sweep_parent, *SWEEP_ARGS, "--out", out)
-    assert "== branch from step 4" not in resumed.stdout and "--resume" in resumed.stdout
-    assert {p: p.stat().st_mtime_ns for p in finished} == finished  # the finished branch: not a file touched
-    assert f"at step 9 from {_ckpt.tag_for(9)}" in resumed.stdout  # resumed, not branched again
-    assert (second / "run" / "metrics.jsonl").read_text().splitlines()[0] == step9
-    assert [r["step"] for r in metrics(second / "run")] == [9, 10, 11]
-    straight = tmp_path / "straight"
-    run_cli("sweep", sweep_parent, *SWEEP_ARGS, "--out", straight)
-    rows = _json.loads((out / "sweep.json").read_text())["branches"]
-    want = _json.loads((straight / "sweep.json").read_text())["branches"]
-    drop = ("checkpoint", "hf")  # paths
-    assert [{k: v for k, v in r.items() if k not in drop} for r in rows] == \
-        [{k: v for k, v in r.items() if k not in drop} for r in want]
-
+# (section E; a sweep killed half way is in test_sweep.py, beside the uninterrupted sweep it must equal)
 
 def test_retention_removes_a_pruned_checkpoints_universal_conversion_and_nothing_else(tmp_path):
     """An elastic resume leaves `<tag>_universal` beside its checkpoint (a second full copy); retention

@@ -2,12 +2,14 @@
 split; one row per branch, equal to a separate export and `cprec evaluate` of that branch."""
 
 import json
+import sys
 
 import pytest
 
 from cprec import checkpoint as ckpt
 from cprec.errors import CPRecError
 from tests.conftest import SWEEP_ANNEAL, SWEEP_ARGS, run_cli
+from tests.helpers import REPO, metrics, refused
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +74,34 @@ def test_sweep_branch_points_are_checked(sweep_parent, tmp_path):
     refused = run_cli("sweep", sweep_parent, "--anneal-steps", 2, "--steps", 4, "--branch", 1, "--out",
                       tmp_path / "s", check=False)
     assert refused.returncode == 2 and "--branch 1: the sweep has 1 branch points" in refused.stderr
+
+
+@pytest.mark.slow
+def test_a_sweep_killed_half_way_redoes_nothing_finished(swept, sweep_parent, tmp_path):
+    """Fault: a sweep job killed while a branch was half-trained. The branch trainer is killed (SIGKILL) in
+    the middle of saving the second branch's checkpoint 10 (tests/helpers/kill_in_save.py as the launcher).
+    The re-run must not touch the finished first branch, must resume the second from its last complete
+    checkpoint (9) rather than start it again (step 9's record is kept as it was), and must give what the
+    uninterrupted sweep (`swept`) gives."""
+    out = tmp_path / "sweep"
+    launcher = f"{sys.executable} {REPO / 'tests' / 'helpers' / 'kill_in_save.py'}"
+    killed = run_cli("sweep", sweep_parent, *SWEEP_ARGS, "--out", out, "--launcher", launcher,
+                     env={"KILL_IN_SAVE": ckpt.tag_for(10)}, check=False)
+    refused(killed, "training the branch from step 8 stopped", "run the same sweep again to resume it")
+    first, second = out / ckpt.tag_for(4), out / ckpt.tag_for(8)
+    assert (first / "branch.json").is_file() and not (second / "branch.json").exists()
+    assert ckpt.latest_complete(second / "run" / "checkpoints") == ckpt.tag_for(9)
+    finished = {p: p.stat().st_mtime_ns for p in first.rglob("*") if p.is_file()}
+    step9 = (second / "run" / "metrics.jsonl").read_text().splitlines()[0]  # its seconds are this run's own
+
+    resumed = run_cli("sweep", sweep_parent, *SWEEP_ARGS, "--out", out)
+    assert "== branch from step 4" not in resumed.stdout and "--resume" in resumed.stdout
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished  # the finished branch: not a file touched
+    assert f"at step 9 from {ckpt.tag_for(9)}" in resumed.stdout  # resumed, not branched again
+    assert (second / "run" / "metrics.jsonl").read_text().splitlines()[0] == step9
+    assert [r["step"] for r in metrics(second / "run")] == [9, 10, 11]
+    rows = json.loads((out / "sweep.json").read_text())["branches"]
+    want = json.loads((swept / "sweep.json").read_text())["branches"]
+    drop = ("checkpoint", "hf")  # paths
+    assert [{k: v for k, v in r.items() if k not in drop} for r in rows] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in want]
