@@ -163,24 +163,6 @@ def test_a_resume_that_would_mix_splits_or_settings_is_refused(config, straight,
     assert proc.returncode == 2 and "has no sizes.smoke" in proc.stderr
 
 
-@pytest.mark.slow
-def test_an_experiment_of_some_models_runs_and_reports_only_those(config, tmp_path):
-    out = tmp_path / "exp"
-    cprec("experiment", "--config", config, "--out", out, "models=[base,cpt,sasrec]", "seeds=[0]",
-          "description=It tests CPT alone.")
-    results = json.loads((out / "results.json").read_text())
-    assert set(results["metrics"]) == {"base", "cpt", "sasrec"} and not (out / "sft").exists()
-    assert {(t["a"], t["b"]) for t in results["comparisons"]} == {("cpt", "base")}
-    assert [(m["a"], m["b"]) for m in results["rank_moves"]] == [("cpt", "base")]
-    report = (out / "report.md").read_text()
-    assert "It tests CPT alone." in report and "fine-tuning only" not in report
-    for models, says in (("[cpt,sasrec]", "include base"), ("[base,cpt_sft]", "needs cpt too"),
-                         ("[base,sft,sft]", "distinct")):
-        proc = cprec("experiment", "--config", config, "--out", tmp_path / "refused", f"models={models}", check=False)
-        assert proc.returncode == 2 and says in proc.stderr, proc.stderr
-    assert not (tmp_path / "refused").exists()
-
-
 def test_the_shipped_experiment_config_and_its_sizes_load():
     from cprec.config import load_config
     from cprec.experiment import load_experiment_config
@@ -196,11 +178,18 @@ def test_the_shipped_experiment_config_and_its_sizes_load():
 
 
 @pytest.mark.slow
-def test_recipe_overrides_are_checked_first_and_a_correction_is_taken_before_its_stage(config, tmp_path):
+def test_an_experiment_of_some_models_takes_a_recipe_correction_before_its_stage_and_reports_only_those(
+        config, tmp_path):
+    for models, says in (("[cpt,sasrec]", "include base"), ("[base,cpt_sft]", "needs cpt too"),
+                         ("[base,sft,sft]", "distinct")):
+        proc = cprec("experiment", "--config", config, "--out", tmp_path / "refused", f"models={models}", check=False)
+        assert proc.returncode == 2 and says in proc.stderr, proc.stderr
+    assert not (tmp_path / "refused").exists()
     recipe = tmp_path / "recipe.yaml"  # the CPT recipe, as a file of the user's
     shutil.copy(REPO / "launch" / "configs" / "quickstart.yaml", recipe)
     cfg = yaml.safe_load(config.read_text())
-    cfg["cpt"]["config"], cfg["models"] = str(recipe), ["base", "cpt"]
+    cfg["cpt"]["config"], cfg["models"] = str(recipe), ["base", "cpt", "sasrec"]
+    cfg["description"] = "It tests CPT alone."
     edited = tmp_path / "edited.yaml"
     edited.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "exp"
@@ -218,6 +207,12 @@ def test_recipe_overrides_are_checked_first_and_a_correction_is_taken_before_its
     cprec("experiment", "--config", edited, "--out", out, *corrected)
     recorded = json.loads((out / "experiment.json").read_text())["config"]
     assert recorded["recipes"]["cpt"]["schedule"]["peak_lr"] == 0.002 and recorded["bootstrap"] == 100
+    results = json.loads((out / "results.json").read_text())  # only the models asked for
+    assert set(results["metrics"]) == {"base", "cpt", "sasrec"} and not (out / "sft").exists()
+    assert {(t["a"], t["b"]) for t in results["comparisons"]} == {("cpt", "base")}
+    assert [(m["a"], m["b"]) for m in results["rank_moves"]] == [("cpt", "base")]
+    report = (out / "report.md").read_text()
+    assert "It tests CPT alone." in report and "fine-tuning only" not in report
     # now that CPT has run, the same change is refused, and so is an edit of the recipe file's content
     proc = cprec("experiment", "--config", edited, "--out", out, "bootstrap=100", check=False)
     assert proc.returncode == 2 and "recipes.cpt.schedule.peak_lr: 0.002 -> 0.003" in proc.stderr

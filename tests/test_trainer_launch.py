@@ -150,11 +150,11 @@ def test_chunked_loss_head_gives_the_same_losses_and_gradients_with_tied_weights
 @pytest.mark.parametrize("first,then", [(3, 2), (2, 3)])
 def test_resume_or_branch_under_another_zero_stage_is_refused_naming_both(work, first, then):
     run = f"stage{first}_to_{then}"
-    train_tiny(work, run, f"zero_stage={first}", "max_steps=4", "checkpoint.branch_every=2")
+    train_tiny(work, run, f"zero_stage={first}", "max_steps=4", "checkpoint.branch_every=2", nproc=1)
     before = (work / run / "metrics.jsonl").read_text()
     for args in (["--resume"], ["--anneal-from", str(work / run / "checkpoints" / ckpt.tag_for(4)),
                                 "--anneal-steps", "2", f"run_dir={work / run}_branch"]):
-        # one process: the stage check refuses before anything depends on the number of ranks
+        # one rank throughout: the stage check refuses before anything depends on the number of ranks
         proc = train_tiny(work, run, f"zero_stage={then}", *args, check=False, nproc=1)
         assert proc.returncode != 0
         assert f"written under ZeRO stage {first} and this run uses stage {then}" in proc.stdout + proc.stderr
