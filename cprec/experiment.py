@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from cprec import staging
+from cprec import kernels, staging
 from cprec.config import check_seed, deep_merge, field_value, from_dict, parse_overrides, read_config_file, to_dict
 from cprec.data.prepare import PrepareConfig
 from cprec.errors import CPRecError
@@ -40,6 +40,7 @@ from cprec.eval.sasrec import SASRecConfig
 from cprec.experiment_report import COMPARISONS, MODELS
 
 MARKER = "experiment.json"
+RECIPES = ("cpt", "sft")  # the training recipes an experiment runs (its `cpt:` and `sft:` sections)
 SPEED_KEYS = {"pack_workers", "sizes", "eval.batch_users", "eval.row_nodes", "eval.tokens_per_pass",
               "eval.node_cache_mb", "eval.beam", "eval.frontier", "eval.exhaustive_below",
               "description"}  # not eval.device / dtype: bf16 reorders ranks; description is prose
@@ -125,7 +126,7 @@ def check_recipes(cfg: ExperimentConfig) -> dict:
     from cprec.train.config import TrainConfig
 
     resolved = {}
-    for stage in ("cpt", "sft"):
+    for stage in RECIPES:
         recipe = getattr(cfg, stage)
         path, _ = read_config_file(recipe.config)
         loaded = load_config(TrainConfig, path, ["shards=unchecked", *recipe.overrides])
@@ -156,8 +157,7 @@ def claim_folder(out: Path, cfg: ExperimentConfig) -> None:
     now = _semantic(cfg)  # loads the recipes with their overrides first: a bad one makes no folder
     # recorded since issue 25 (the recipes' content) and issue 28 (the model's speed levers): an older record
     # is compared without them
-    since = ["recipes", *(f"recipes.{stage}.model.{lever}" for stage in ("cpt", "sft")
-                          for lever in ("kernels", "compile_blocks"))]
+    since = ["recipes", *(f"recipes.{stage}.model.{lever}" for stage in RECIPES for lever in kernels.LEVERS)]
     staging.claim(out, MARKER, now, "an experiment", may_change=lambda c: _may_change(out, c), since=since,
                   key="config")
 

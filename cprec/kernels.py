@@ -23,6 +23,8 @@ import shutil
 from cprec.errors import CPRecError
 
 KERNELS = ("none", "liger")
+# the model-config keys of the levers: how a step is computed, not what (left out of a run's config hash)
+LEVERS = ("kernels", "compile_blocks")
 # transformers model types Liger patches by instance (liger_kernel.transformers' apply_liger_kernel_to_*)
 LIGER_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # with SwiGLU MLPs and the same patch arguments
 

@@ -126,7 +126,7 @@ def test_the_levers_leave_a_runs_hash_alone_so_runs_made_before_them_resume():
     levers = from_dict(TrainConfig, {"shards": "x", "model": {"kernels": "liger", "compile_blocks": True}})
     assert config_hash(plain) == config_hash(levers)  # how a step is computed, not what
     older = to_dict(plain)
-    for key in ("kernels", "compile_blocks"):
+    for key in kernels.LEVERS:
         del older["model"][key]  # a run's config.yaml from before the keys existed
     assert semantic(older) == semantic(to_dict(plain))
     assert config_hash(plain) != config_hash(from_dict(TrainConfig, {"shards": "x", "model": {"attn": "eager"}}))

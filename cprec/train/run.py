@@ -28,6 +28,7 @@ import torch
 import yaml
 
 from cprec import checkpoint as ckpt
+from cprec import kernels
 from cprec import staging
 from cprec import schedule as wsa
 from cprec.config import to_dict
@@ -44,9 +45,9 @@ NON_SEMANTIC = {"run_dir", "checkpoint", "loader_workers", "log_every", "tensorb
                 "zero_stage", "loss_chunk_tokens", "compile", "eval",
                 # how a global batch is cut into passes: the same rows, the same mean gradient (elastic resume)
                 "micro_batch", "grad_accum"}
-# nested keys of the same kind: the model's speed levers (cprec/kernels.py); left out of the hash, a run made
-# before they existed keeps its hash
-NON_SEMANTIC_MODEL = {"kernels", "compile_blocks"}
+# nested keys of the same kind: the model's speed levers; left out of the hash, a run made before they existed
+# keeps its hash
+NON_SEMANTIC_MODEL = set(kernels.LEVERS)
 NO_PARENT = {"parent": None}
 
 
@@ -94,7 +95,6 @@ class OpenedRun:
 def open_run(cfg: TrainConfig, rank: int, world: int, cuda: bool, resume: bool, branch: Branch) -> OpenedRun:
     """Collective: settle the run (new, resumed or a branch), open its directory (rank 0) and check everything
     that can refuse it, before anything of the run is written."""
-    from cprec import kernels
     from cprec.train.checkpointing import refuse_unsafe_pickles
     from cprec.train.engine import build_ds_config, zero_stage
 
